@@ -1,0 +1,159 @@
+"""Public entry point ``swin_attention`` and its backend registry."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .layout import WindowLayout
+
+# A backend runs the op: fn(q, k, v, layout, shifted, scale) -> out.
+BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, WindowLayout, bool, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of ``swin_attention``.
+
+    Attributes:
+        name: what ``backend=`` selects it with.
+        fn: the implementation.
+        devices: device types it runs on (``"cpu"``, ``"cuda"``).
+        dtypes: input dtypes it accepts.
+        priority: higher wins when ``backend=None`` picks for a device.
+        unavailable: ``() -> str | None``: why it cannot run on this machine (``None`` if it can).
+    """
+
+    name: str
+    fn: BackendFn
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    priority: int
+    unavailable: Callable[[], str | None] = lambda: None
+
+
+_BACKENDS: dict[str, Backend] = {}
+KNOWN_BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+
+def register_backend(backend: Backend) -> None:
+    """Add (or replace) a backend in the registry."""
+    if backend.name not in KNOWN_BACKENDS:
+        raise ValueError(f"unknown swin_attention backend name {backend.name!r}; expected one of {KNOWN_BACKENDS}")
+    _BACKENDS[backend.name] = backend
+
+
+def available_backends(device: torch.device | str | None = None) -> dict[str, str | None]:
+    """Every known backend name -> ``None`` if usable (on ``device`` when given) or the reason it is not."""
+    device_type = None if device is None else torch.device(device).type
+    report: dict[str, str | None] = {}
+    for name in KNOWN_BACKENDS:
+        backend = _BACKENDS.get(name)
+        if backend is None:
+            report[name] = "not implemented in this build"
+            continue
+        reason = backend.unavailable()
+        if reason is None and device_type is not None and device_type not in backend.devices:
+            reason = f"runs on {'/'.join(backend.devices)} tensors, not {device_type}"
+        report[name] = reason
+    return report
+
+
+def _select_backend(name: str | None, device: torch.device) -> Backend:
+    if name is None:
+        candidates = [
+            b for b in _BACKENDS.values() if device.type in b.devices and b.name != "reference" and b.unavailable() is None
+        ]
+        if not candidates:
+            raise ValueError(f"swin_attention: no backend is available for {device.type} tensors")
+        return max(candidates, key=lambda b: b.priority)
+    if not isinstance(name, str):
+        raise TypeError(f"swin_attention: backend must be a str or None, got {type(name).__name__}")
+    if name not in KNOWN_BACKENDS:
+        raise ValueError(f"swin_attention: unknown backend {name!r}; expected one of {KNOWN_BACKENDS} or None")
+    backend = _BACKENDS.get(name)
+    reason = "not implemented in this build" if backend is None else backend.unavailable()
+    if reason is not None:
+        raise ValueError(f"swin_attention: backend {name!r} is unavailable: {reason}")
+    if device.type not in backend.devices:
+        raise ValueError(
+            f"swin_attention: backend {name!r} runs on {'/'.join(backend.devices)} tensors, got {device.type} tensors"
+        )
+    return backend
+
+
+def _check_inputs(q, k, v, layout) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"swin_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(layout, WindowLayout):
+        raise TypeError(f"swin_attention: layout must be a WindowLayout, got {type(layout).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"swin_attention: q must be [B, N, H, D] (4-D), got shape {tuple(q.shape)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"swin_attention: {name} must have the same shape as q {tuple(q.shape)}, got {tuple(t.shape)}"
+            )
+        if t.dtype != q.dtype:
+            raise TypeError(f"swin_attention: {name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"swin_attention: {name} must be on q's device {q.device}, got {t.device}")
+    if q.shape[1] != layout.num_tokens:
+        raise ValueError(
+            f"swin_attention: q has N={q.shape[1]} tokens but the layout describes "
+            f"num_tokens={layout.num_tokens} ({layout})"
+        )
+    if q.shape[0] == 0 or q.shape[2] == 0 or q.shape[3] == 0:
+        raise ValueError(f"swin_attention: B, H and D must be positive, got shape {tuple(q.shape)}")
+
+
+def swin_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: WindowLayout,
+    *,
+    shifted: bool = False,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Interleaved (shifted-)window attention over VAE and semantic tokens.
+
+    A token attends to exactly the tokens, of either stream, in its own time window
+    (``layout.window_ids(shifted)``). Models alternate ``shifted=False`` / ``shifted=True`` by layer.
+
+    Args:
+        q, k, v: ``[B, N, H, D]`` with ``N == layout.num_tokens``, same dtype and device.
+        layout: the sequence's :class:`WindowLayout`.
+        shifted: use windows shifted by ``layout.window // 2`` latent frames.
+        scale: softmax scale, default ``1 / sqrt(D)``.
+        backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` (fastest available
+            for the tensors' device).
+
+    Returns:
+        ``[B, N, H, D]`` in the caller's token order, dtype of ``q``.
+
+    Example:
+        >>> layout = WindowLayout(vae_frames=8, vae_tokens_per_frame=16,
+        ...                       sem_frames=2, sem_tokens_per_frame=4, window=4)
+        >>> q = k = v = torch.randn(1, layout.num_tokens, 2, 32)
+        >>> swin_attention(q, k, v, layout, shifted=True).shape
+        torch.Size([1, 136, 2, 32])
+    """
+    _check_inputs(q, k, v, layout)
+    if not isinstance(shifted, bool):
+        raise TypeError(f"swin_attention: shifted must be a bool, got {type(shifted).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"swin_attention: scale must be a positive finite float or None, got {scale!r}")
+    impl = _select_backend(backend, q.device)
+    if q.dtype not in impl.dtypes:
+        raise TypeError(
+            f"swin_attention: backend {impl.name!r} supports dtypes {[str(d) for d in impl.dtypes]}, got {q.dtype}"
+        )
+    return impl.fn(q, k, v, layout, shifted, float(scale))

@@ -1,0 +1,152 @@
+"""Build script for the compiled part of semanticgen, ``semanticgen._C``.
+
+What gets built is decided from the toolchain, never from a visible GPU:
+
+* the C++ CPU sources (``csrc/*.cpp``, ``csrc/cpu/*.cpp``) always;
+* the CUDA sources (``csrc/cuda/*.cu``) when torch is a CUDA build
+  (``torch.version.cuda`` is set) and ``nvcc`` is found in the toolkit.
+
+Environment flags (also tabled in the README):
+
+=========================  ===========================================================
+``CUDA_HOME``              CUDA toolkit prefix. Unset: ``/usr/local/cuda`` when it
+                           holds ``bin/nvcc`` (torch's own guess from the ``nvcc`` on
+                           PATH can land on a wrapper script outside the toolkit, and
+                           the link then fails with ``cannot find -lcudart``).
+``SEMANTICGEN_BUILD_CUDA``  ``1`` forces the CUDA sources (error if impossible),
+                           ``0`` skips them; unset: automatic.
+``SEMANTICGEN_CUDA_ARCHS``  ``;``-separated compute capabilities, default ``8.0;9.0a``.
+``MAX_JOBS``               parallel compile jobs (read by torch's ninja builder).
+=========================  ===========================================================
+
+No downloads, no ``git`` calls, no ``nvidia-smi``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STANDARD_CUDA_PREFIX = "/usr/local/cuda"
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+
+
+def _resolve_cuda_home() -> str | None:
+    """The toolkit prefix to build with; set in the environment before torch reads it."""
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit:
+        return explicit
+    if os.path.exists(os.path.join(STANDARD_CUDA_PREFIX, "bin", "nvcc")):
+        return STANDARD_CUDA_PREFIX
+    return None
+
+
+_cuda_home = _resolve_cuda_home()
+if _cuda_home is not None:
+    # torch.utils.cpp_extension computes CUDA_HOME at import time: set it first.
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _parse_archs(spec: str) -> list[str]:
+    archs = [a.strip() for a in spec.split(";") if a.strip()]
+    for arch in archs:
+        base = arch[:-1] if arch.endswith("a") else arch
+        major, _, minor = base.partition(".")
+        if not (major.isdigit() and minor.isdigit()):
+            raise ValueError(
+                f"SEMANTICGEN_CUDA_ARCHS: expected entries like '8.0' or '9.0a' separated by ';', got {arch!r}"
+            )
+    if not archs:
+        raise ValueError("SEMANTICGEN_CUDA_ARCHS is empty; expected e.g. '8.0;9.0a'")
+    return archs
+
+
+def _gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for arch in archs:
+        suffix = "a" if arch.endswith("a") else ""
+        num = arch.rstrip("a").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num}{suffix},code=sm_{num}{suffix}")
+    return flags
+
+
+def _want_cuda() -> bool:
+    flag = os.environ.get("SEMANTICGEN_BUILD_CUDA", "").strip()
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"SEMANTICGEN_BUILD_CUDA must be 0 or 1, got {flag!r}")
+    have_nvcc = _cuda_home is not None and os.path.exists(os.path.join(_cuda_home, "bin", "nvcc"))
+    possible = torch.version.cuda is not None and have_nvcc
+    if flag == "1" and not possible:
+        raise RuntimeError(
+            "SEMANTICGEN_BUILD_CUDA=1 but the CUDA sources cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, nvcc under CUDA_HOME={_cuda_home!r}: "
+            f"{'found' if have_nvcc else 'not found'}"
+        )
+    if flag == "0":
+        return False
+    return possible
+
+
+def _extensions():
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    include_dirs = [os.path.join(HERE, "csrc", "include")]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030b0000"]
+    if sys.platform == "linux":
+        cxx_flags.append("-march=native" if os.environ.get("SEMANTICGEN_NATIVE") == "1" else "-mavx2")
+        cxx_flags.append("-mfma")
+    build_cuda = _want_cuda() and bool(cuda_sources)
+    if build_cuda:
+        archs = _parse_archs(os.environ.get("SEMANTICGEN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
+        arch_macro = ";".join(archs)
+        cxx_flags += ["-DSEMANTICGEN_WITH_CUDA", f'-DSEMANTICGEN_CUDA_ARCHS="{arch_macro}"']
+        nvcc_flags = [
+            "-O3",
+            "-std=c++20",
+            "--use_fast_math",
+            "-lineinfo",
+            "-DSEMANTICGEN_WITH_CUDA",
+            f'-DSEMANTICGEN_CUDA_ARCHS="{arch_macro}"',
+            *_gencode_flags(archs),
+        ]
+        # Our own -gencode flags make torch skip its TORCH_CUDA_ARCH_LIST guess (which probes for a GPU).
+        return [
+            cpp_extension.CUDAExtension(
+                "semanticgen._C",
+                cpp_sources + cuda_sources,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=["-fopenmp"],
+                py_limited_api=True,
+            )
+        ]
+    return [
+        cpp_extension.CppExtension(
+            "semanticgen._C",
+            cpp_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+            py_limited_api=True,
+        )
+    ]
+
+
+# `kernels/` (Triton sources) and `benchmarks/` sit at the top of the repository and install as
+# `semanticgen.kernels` and `semanticgen.benchmarks`, so `semanticgen bench` works from a wheel.
+_TOP_LEVEL_SUBPACKAGES = {"semanticgen.kernels": "kernels", "semanticgen.benchmarks": "benchmarks"}
+
+setup(
+    packages=find_packages(include=["semanticgen", "semanticgen.*"]) + sorted(_TOP_LEVEL_SUBPACKAGES),
+    package_dir={"semanticgen": "semanticgen", **_TOP_LEVEL_SUBPACKAGES},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp311"}},
+)

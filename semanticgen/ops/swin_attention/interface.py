@@ -65,7 +65,9 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
 def _select_backend(name: str | None, device: torch.device) -> Backend:
     if name is None:
         candidates = [
-            b for b in _BACKENDS.values() if device.type in b.devices and b.name != "reference" and b.unavailable() is None
+            b
+            for b in _BACKENDS.values()
+            if device.type in b.devices and b.name != "reference" and b.unavailable() is None
         ]
         if not candidates:
             raise ValueError(f"swin_attention: no backend is available for {device.type} tensors")

@@ -188,16 +188,11 @@ class WindowLayout:
                 return cached
             segs = self.segments(shifted)
             perm = torch.cat(
-                [
-                    torch.cat([torch.arange(s.vae_start, s.vae_end), torch.arange(s.sem_start, s.sem_end)])
-                    for s in segs
-                ]
+                [torch.cat([torch.arange(s.vae_start, s.vae_end), torch.arange(s.sem_start, s.sem_end)]) for s in segs]
             ).to(torch.int32)
             lengths = torch.tensor([0] + [s.length for s in segs], dtype=torch.int64)
             cu_seqlens = torch.cumsum(lengths, 0).to(torch.int32)
-            result = WindowIndexMap(
-                perm.to(device), cu_seqlens.to(device), max(s.length for s in segs)
-            )
+            result = WindowIndexMap(perm.to(device), cu_seqlens.to(device), max(s.length for s in segs))
             self._cache[key] = result
             return result
 

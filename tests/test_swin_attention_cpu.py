@@ -1,0 +1,188 @@
+"""swin_attention on CPU: forward and all three gradients against an fp64 reference.
+
+Tolerances follow flash-attn's tests: the backend's error against the fp64 reference may be at most
+twice the error of the same computation in plain torch at the input dtype (plus a small floor).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from semanticgen.ops import WindowLayout, swin_attention, swin_attention_reference
+from semanticgen.ops.swin_attention import cpu as swin_cpu
+
+# name -> (Tv, Sv, Ts, Ss, Tw)
+LAYOUTS = {
+    "Ts=0": (6, 5, 0, 0, 2),
+    "Ts=3 not dividing Tv=8": (8, 3, 3, 2, 4),
+    "odd Tw=3": (7, 4, 3, 2, 3),
+    "Tw=1 one-frame windows": (5, 3, 5, 2, 1),
+    "Tv=3<Tw=8": (3, 4, 2, 3, 8),
+}
+FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def _make(layout, batch, heads, dim, dtype, requires_grad=True):
+    return [
+        torch.randn(batch, layout.num_tokens, heads, dim, dtype=dtype).requires_grad_(requires_grad) for _ in range(3)
+    ]
+
+
+def _errors(dtype, q, k, v, layout, shifted):
+    """Max abs error vs fp64 of (backend at dtype, plain torch at dtype) for out, dq, dk, dv."""
+    grad = torch.randn_like(q)
+    out = swin_attention(q, k, v, layout, shifted=shifted, backend="cpu")
+    assert out.dtype == dtype and out.shape == q.shape
+    ours = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = swin_attention_reference(*ref_in, layout, shifted=shifted)
+    exact = [ref, *torch.autograd.grad(ref, ref_in, grad.double())]
+
+    low_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    low = swin_attention_reference(*low_in, layout, shifted=shifted)
+    plain = [low, *torch.autograd.grad(low, low_in, grad)]
+    return [
+        ((a.double() - e).abs().max().item(), (p.double() - e).abs().max().item())
+        for a, e, p in zip(ours, exact, plain)
+    ]
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["unshifted", "shifted"])
+@pytest.mark.parametrize("dims", list(LAYOUTS.values()), ids=list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_fp64_reference(dims, shifted, dtype, poison_empty):
+    tv, sv, ts, ss, tw = dims
+    layout = WindowLayout(vae_frames=tv, vae_tokens_per_frame=sv, sem_frames=ts, sem_tokens_per_frame=ss, window=tw)
+    q, k, v = _make(layout, batch=2, heads=3, dim=16, dtype=dtype)
+    for name, (ours, plain) in zip(("out", "dq", "dk", "dv"), _errors(dtype, q, k, v, layout, shifted)):
+        assert ours <= max(2 * plain, FLOOR[dtype]), f"{name}: error {ours:.3g} vs plain torch {plain:.3g}"
+
+
+@pytest.mark.parametrize("dim", [16, 64, 80, 128], ids=lambda d: f"D={d}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_head_dims(dim, dtype, poison_empty):
+    layout = WindowLayout(vae_frames=9, vae_tokens_per_frame=7, sem_frames=2, sem_tokens_per_frame=5, window=4)
+    q, k, v = _make(layout, batch=1, heads=2, dim=dim, dtype=dtype)
+    for shifted in (False, True):
+        for name, (ours, plain) in zip(("out", "dq", "dk", "dv"), _errors(dtype, q, k, v, layout, shifted)):
+            assert ours <= max(2 * plain, FLOOR[dtype]), f"{name}: error {ours:.3g} vs plain torch {plain:.3g}"
+
+
+def test_tokens_outside_window_have_no_influence():
+    layout = WindowLayout(vae_frames=8, vae_tokens_per_frame=2, sem_frames=2, sem_tokens_per_frame=3, window=4)
+    q, k, v = _make(layout, 1, 2, 8, torch.float32, requires_grad=False)
+    ids = layout.window_ids(True)
+    out = swin_attention(q, k, v, layout, shifted=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, ids != 0] += 100.0
+    v2[:, ids != 0] -= 50.0
+    out2 = swin_attention(q, k2, v2, layout, shifted=True)
+    assert torch.equal(out[:, ids == 0], out2[:, ids == 0])
+    assert not torch.allclose(out[:, ids == 1], out2[:, ids == 1])
+
+
+def test_non_contiguous_inputs_and_custom_scale():
+    layout = WindowLayout(vae_frames=6, vae_tokens_per_frame=3, sem_frames=3, sem_tokens_per_frame=2, window=2)
+    q = torch.randn(2, layout.num_tokens, 4, 32)[..., ::2]  # strided head dim
+    k = torch.randn(2, 4, layout.num_tokens, 16).transpose(1, 2)  # [B, N, H, D] from [B, H, N, D]
+    v = torch.randn(2, layout.num_tokens, 16, 4).transpose(2, 3)
+    assert not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+    out = swin_attention(q, k, v, layout, shifted=True, scale=0.3)
+    ref = swin_attention_reference(q.double(), k.double(), v.double(), layout, shifted=True, scale=0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_backend_none_picks_cpu_and_reference_backend_is_selectable():
+    layout = WindowLayout(vae_frames=4, vae_tokens_per_frame=2, sem_frames=1, sem_tokens_per_frame=2, window=2)
+    q, k, v = _make(layout, 1, 1, 8, torch.float64, requires_grad=False)
+    torch.testing.assert_close(
+        swin_attention(q, k, v, layout), swin_attention(q, k, v, layout, backend="reference"), atol=1e-12, rtol=0
+    )
+
+
+def test_opcheck():
+    layout = WindowLayout(vae_frames=5, vae_tokens_per_frame=3, sem_frames=2, sem_tokens_per_frame=2, window=2)
+    q, k, v = _make(layout, 2, 2, 16, torch.float32)
+    for shifted in (False, True):
+        bounds = [x for seg in layout.segments(shifted) for x in seg]
+        torch.library.opcheck(swin_cpu.swin_attention_cpu_fwd, (q, k, v, bounds, 0.25))
+        out, lse = swin_cpu.swin_attention_cpu_fwd(q, k, v, bounds, 0.25)
+        grad = torch.randn_like(out)
+        torch.library.opcheck(
+            swin_cpu.swin_attention_cpu_bwd,
+            (grad, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), bounds, 0.25),
+        )
+
+
+class _TwoLayerSwin(torch.nn.Module):
+    def __init__(self, layout, dim=16, heads=2):
+        super().__init__()
+        self.layout, self.heads = layout, heads
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(dim, 3 * dim) for _ in range(2))
+
+    def forward(self, x):
+        for i, proj in enumerate(self.qkv):
+            b, n, c = x.shape
+            q, k, v = proj(x).view(b, n, 3, self.heads, c // self.heads).unbind(2)
+            x = x + swin_attention(q, k, v, self.layout, shifted=i % 2 == 1).reshape(b, n, c)
+        return x
+
+
+def test_torch_compile_fullgraph():
+    layout = WindowLayout(vae_frames=6, vae_tokens_per_frame=4, sem_frames=2, sem_tokens_per_frame=3, window=4)
+    model = _TwoLayerSwin(layout)
+    x = torch.randn(2, layout.num_tokens, 16, requires_grad=True)
+    eager = model(x)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    (g_comp,) = torch.autograd.grad(out.square().sum(), x)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_comp, g_eager)
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _layout():
+    return WindowLayout(vae_frames=4, vae_tokens_per_frame=2, sem_frames=2, sem_tokens_per_frame=1, window=2)
+
+
+@pytest.mark.parametrize(
+    "make, exc, pattern",
+    [
+        (lambda n: (torch.randn(1, n, 2), torch.randn(1, n, 2), torch.randn(1, n, 2)), ValueError, r"\[B, N, H, D\]"),
+        (lambda n: (torch.randn(1, n, 2, 8), torch.randn(1, n, 2, 4), torch.randn(1, n, 2, 8)), ValueError, "k must"),
+        (lambda n: (torch.randn(1, n + 1, 2, 8),) * 3, ValueError, "num_tokens=10"),
+        (
+            lambda n: (torch.randn(1, n, 2, 8), torch.randn(1, n, 2, 8).double(), torch.randn(1, n, 2, 8)),
+            TypeError,
+            "dtype",
+        ),
+        (lambda n: (torch.randn(1, n, 2, 8).long(),) * 3, TypeError, "supports dtypes"),
+        (lambda n: ([1.0], torch.randn(1, n, 2, 8), torch.randn(1, n, 2, 8)), TypeError, "q must be a torch.Tensor"),
+        (lambda n: (torch.randn(0, n, 2, 8),) * 3, ValueError, "positive"),
+    ],
+    ids=["rank", "shape", "N", "dtype-mismatch", "int-dtype", "not-tensor", "empty-batch"],
+)
+def test_bad_inputs(make, exc, pattern):
+    layout = _layout()
+    q, k, v = make(layout.num_tokens)
+    with pytest.raises(exc, match=pattern):
+        swin_attention(q, k, v, layout)
+
+
+def test_bad_options():
+    layout = _layout()
+    q = torch.randn(1, layout.num_tokens, 2, 8)
+    with pytest.raises(TypeError, match="layout must be a WindowLayout"):
+        swin_attention(q, q, q, (4, 2, 2, 1, 2))
+    with pytest.raises(ValueError, match="unknown backend"):
+        swin_attention(q, q, q, layout, backend="flash")
+    with pytest.raises(ValueError, match="scale"):
+        swin_attention(q, q, q, layout, scale=-1.0)
+    with pytest.raises(TypeError, match="shifted"):
+        swin_attention(q, q, q, layout, shifted=1)
+    with pytest.raises(ValueError, match="meta tensors|runs on"):
+        m = q.to("meta")
+        swin_attention(m, m, m, layout, backend="cpu")

@@ -1,0 +1,39 @@
+"""Video and text encoders: the semantic encoder, the video VAE and the text encoder of both stages.
+
+Weight-free encoders (:class:`PixelVAE`, :class:`PixelSemanticEncoder`, :class:`HashTextEncoder`) need no
+checkpoint; checkpoint-backed ones load from local directories only. Classes that import heavy optional
+libraries are imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .factory import build_semantic_encoder, build_text_encoder, build_vae
+from .pixel import PixelSemanticEncoder, PixelVAE
+from .protocols import SemanticEncoder, TextEncoder, VideoVAE, check_video
+from .text import HashTextEncoder, HFTextEncoder
+
+_LAZY = {}
+
+__all__ = [
+    "SemanticEncoder",
+    "VideoVAE",
+    "TextEncoder",
+    "check_video",
+    "PixelVAE",
+    "PixelSemanticEncoder",
+    "HashTextEncoder",
+    "HFTextEncoder",
+    "build_vae",
+    "build_semantic_encoder",
+    "build_text_encoder",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

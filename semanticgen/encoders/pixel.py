@@ -1,0 +1,202 @@
+"""Weight-free video encoders: :class:`PixelVAE` and :class:`PixelSemanticEncoder`.
+
+Both need no checkpoint and no download. They let the whole two-stage pipeline, its training loop and
+its tests run anywhere, with the same tensor shapes as the real encoders (Wan VAE, Qwen2.5-VL vision tower).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .protocols import check_video
+
+__all__ = ["PixelVAE", "PixelSemanticEncoder"]
+
+# ITU-R BT.601 YCbCr rows on centred RGB in [-1, 1]: an invertible, decorrelating colour map, so that
+# the first three latent channels are luminance and two colour differences.
+_YCBCR = (
+    (0.299, 0.587, 0.114),
+    (-0.168736, -0.331264, 0.5),
+    (0.5, -0.418688, -0.081312),
+)
+
+
+def _colour_map(channels: int, seed: int) -> torch.Tensor:
+    """``[channels, 3]`` map from centred RGB to latent channels: YCbCr rows, then seeded unit-norm mixtures."""
+    rows = torch.tensor(_YCBCR, dtype=torch.float64)[: min(channels, 3)]
+    if channels > 3:
+        gen = torch.Generator().manual_seed(seed)
+        extra = torch.randn(channels - 3, 3, generator=gen, dtype=torch.float64)
+        rows = torch.cat([rows, extra / extra.norm(dim=1, keepdim=True)])
+    return rows
+
+
+class PixelVAE(nn.Module):
+    """Average-pool "VAE": latents are pooled colours, decoding repeats them back.
+
+    ``encode``: centre RGB to ``[-1, 1]``, average-pool space by ``spatial_factor`` and time by
+    ``temporal_factor``, then map the 3 colours to ``latent_channels`` with a fixed linear map
+    (YCbCr rows, then seeded unit-norm mixtures when ``latent_channels > 3``).
+    ``decode``: apply the map's pseudo-inverse, repeat each latent back over its frames and pixels
+    (nearest), undo the centring and clamp to ``[0, 1]``. With ``latent_channels >= 3`` decoding a
+    video's own latents returns its pooled version exactly.
+
+    Time follows the Wan VAE when ``causal=True`` (default): the first frame has a latent frame of
+    its own and every following ``temporal_factor`` frames share one, so ``F = 1 + temporal_factor * k``
+    frames give ``1 + k`` latent frames (e.g. 17 -> 5, 81 -> 21). With ``causal=False``, ``F`` must be a
+    multiple of ``temporal_factor`` and gives ``F / temporal_factor`` latent frames.
+
+    Shapes: ``encode(video [B, F, 3, H, W]) -> [B, C, T', H / s, W / s]``; ``decode`` is the inverse.
+    """
+
+    def __init__(
+        self,
+        temporal_factor: int = 4,
+        spatial_factor: int = 8,
+        latent_channels: int = 4,
+        *,
+        causal: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("temporal_factor", temporal_factor),
+            ("spatial_factor", spatial_factor),
+            ("latent_channels", latent_channels),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"PixelVAE: {name} must be a positive int, got {value!r}")
+        self.temporal_factor = temporal_factor
+        self.spatial_factor = spatial_factor
+        self.latent_channels = latent_channels
+        self.causal = bool(causal)
+        colour = _colour_map(latent_channels, seed)
+        self.register_buffer("colour_map", colour.float(), persistent=False)
+        self.register_buffer("colour_unmap", torch.linalg.pinv(colour).float(), persistent=False)
+
+    # --------------------------------------------------------------------------- frame counts
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames ``T'`` produced from ``num_frames`` video frames."""
+        tf = self.temporal_factor
+        if self.causal:
+            if num_frames < 1 or (num_frames - 1) % tf:
+                raise ValueError(f"PixelVAE: num_frames must be 1 + k * {tf} (k >= 0), got {num_frames}")
+            return 1 + (num_frames - 1) // tf
+        if num_frames < tf or num_frames % tf:
+            raise ValueError(f"PixelVAE: num_frames must be a positive multiple of {tf}, got {num_frames}")
+        return num_frames // tf
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Video frames ``F`` decoded from ``latent_frames`` latent frames."""
+        if latent_frames < 1:
+            raise ValueError(f"PixelVAE: latent_frames must be >= 1, got {latent_frames}")
+        if self.causal:
+            return 1 + (latent_frames - 1) * self.temporal_factor
+        return latent_frames * self.temporal_factor
+
+    # ------------------------------------------------------------------------------- encode/decode
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``video [B, F, 3, H, W]`` in ``[0, 1]`` -> ``latents [B, C, T', H / s, W / s]``."""
+        offset = 1 if self.causal else 0
+        check_video(
+            video,
+            "PixelVAE.encode",
+            frame_multiple=self.temporal_factor,
+            frame_offset=offset,
+            spatial_multiple=self.spatial_factor,
+        )
+        x = video.float() * 2.0 - 1.0
+        b, f, _, h, w = x.shape
+        s, tf = self.spatial_factor, self.temporal_factor
+        x = F.avg_pool2d(x.reshape(b * f, 3, h, w), s).reshape(b, f, 3, h // s, w // s)
+        groups = [x[:, :offset]] if offset else []
+        rest = x[:, offset:]
+        if rest.shape[1]:
+            groups.append(rest.reshape(b, rest.shape[1] // tf, tf, 3, h // s, w // s).mean(dim=2))
+        x = torch.cat(groups, dim=1)  # [B, T', 3, h, w]
+        latents = torch.einsum("cd,btdhw->bcthw", self.colour_map.to(x.device), x)
+        return latents.to(video.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """``latents [B, C, T', h, w]`` -> ``video [B, F, 3, h * s, w * s]`` in ``[0, 1]``."""
+        if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+            raise TypeError("PixelVAE.decode: latents must be a floating-point torch.Tensor [B, C, T', h, w]")
+        if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"PixelVAE.decode: expected latents [B, {self.latent_channels}, T', h, w], got {tuple(latents.shape)}"
+            )
+        x = torch.einsum("dc,bcthw->btdhw", self.colour_unmap.to(latents.device), latents.float())
+        s, tf = self.spatial_factor, self.temporal_factor
+        x = x.repeat_interleave(s, dim=3).repeat_interleave(s, dim=4)
+        if self.causal:
+            x = torch.cat([x[:, :1], x[:, 1:].repeat_interleave(tf, dim=1)], dim=1)
+        else:
+            x = x.repeat_interleave(tf, dim=1)
+        return ((x + 1.0) * 0.5).clamp(0.0, 1.0).to(latents.dtype)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encode(video)
+
+
+class PixelSemanticEncoder(nn.Module):
+    """Weight-free semantic features with the Qwen2.5-VL token layout.
+
+    Each output token summarises one ``patch x patch`` square (default 28) over a pair of frames
+    (``temporal_factor`` frames): mean colour of its four quadrants (12), mean absolute horizontal and
+    vertical gradients per channel (6), the mean frame-to-frame difference per channel (3) and the
+    per-channel standard deviation (3). These 24 numbers are centred and projected to ``out_dim``
+    by a fixed random matrix drawn from ``seed`` (scaled so each output has about unit variance).
+
+    Shapes: ``encode(video [B, F, 3, H, W]) -> [B, F / 2, (H / 28) * (W / 28), out_dim]``, tokens of one
+    output frame in raster order. ``F`` must be a multiple of ``temporal_factor`` and ``H``, ``W`` of
+    ``patch``, as for :class:`~semanticgen.encoders.QwenVisionEncoder`.
+    """
+
+    RAW_FEATURES = 24
+
+    def __init__(self, out_dim: int = 64, *, patch: int = 28, temporal_factor: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        for name, value, minimum in (
+            ("out_dim", out_dim, 1),
+            ("patch", patch, 2),
+            ("temporal_factor", temporal_factor, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"PixelSemanticEncoder: {name} must be an int >= {minimum}, got {value!r}")
+        if patch % 2:
+            raise ValueError(f"PixelSemanticEncoder: patch must be even (quadrant means), got {patch}")
+        self.out_dim = out_dim
+        self.spatial_factor = patch
+        self.temporal_factor = temporal_factor
+        gen = torch.Generator().manual_seed(seed)
+        proj = torch.randn(self.RAW_FEATURES, out_dim, generator=gen) * (2.0 / math.sqrt(self.RAW_FEATURES))
+        self.register_buffer("projection", proj, persistent=False)
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """``video [B, F, 3, H, W]`` in ``[0, 1]`` -> ``[B, F / tf, (H / p) * (W / p), out_dim]``."""
+        tf, p = self.temporal_factor, self.spatial_factor
+        check_video(video, "PixelSemanticEncoder.encode", frame_multiple=tf, spatial_multiple=p)
+        x = video.float() * 2.0 - 1.0
+        b, f, _, h, w = x.shape
+        t2, gh, gw = f // tf, h // p, w // p
+        # [B, T2, tf, 3, gh, p, gw, p] -> [B, T2, gh, gw, tf, 3, p, p]
+        cells = x.reshape(b, t2, tf, 3, gh, p, gw, p).permute(0, 1, 4, 6, 2, 3, 5, 7)
+        half = p // 2
+        quads = cells.reshape(*cells.shape[:6], 2, half, 2, half).mean(dim=(4, 7, 9))  # [..., 3, 2, 2]
+        grad_x = (cells[..., :, 1:] - cells[..., :, :-1]).abs().mean(dim=(4, 6, 7))  # [..., 3]
+        grad_y = (cells[..., 1:, :] - cells[..., :-1, :]).abs().mean(dim=(4, 6, 7))
+        if tf > 1:
+            motion = (cells[:, :, :, :, 1:] - cells[:, :, :, :, :-1]).abs().mean(dim=(4, 6, 7))
+        else:
+            motion = torch.zeros_like(grad_x)
+        spread = cells.std(dim=(4, 6, 7), unbiased=False)
+        raw = torch.cat([quads.flatten(-3), grad_x, grad_y, motion, spread], dim=-1)  # [B, T2, gh, gw, 24]
+        out = raw.reshape(b, t2, gh * gw, self.RAW_FEATURES) @ self.projection.to(raw.device)
+        return out.to(video.dtype)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return self.encode(video)

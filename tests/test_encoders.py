@@ -1,0 +1,177 @@
+"""Weight-free encoders, the text encoders and the factories."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from semanticgen.encoders import (
+    HashTextEncoder,
+    PixelSemanticEncoder,
+    PixelVAE,
+    SemanticEncoder,
+    TextEncoder,
+    VideoVAE,
+    build_semantic_encoder,
+    build_text_encoder,
+    build_vae,
+)
+
+
+def _video(b=1, f=9, h=32, w=48, seed=0):
+    return torch.rand(b, f, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------- PixelVAE
+@pytest.mark.parametrize(("causal", "frames", "latent_frames"), [(True, 17, 5), (True, 1, 1), (False, 16, 4)])
+def test_pixel_vae_shapes(causal, frames, latent_frames):
+    vae = PixelVAE(causal=causal)
+    assert isinstance(vae, VideoVAE)
+    z = vae.encode(_video(2, frames, 32, 48))
+    assert z.shape == (2, 4, latent_frames, 4, 6)
+    assert vae.latent_frames(frames) == latent_frames
+    assert vae.video_frames(latent_frames) == frames
+    assert vae.decode(z).shape == (2, frames, 3, 32, 48)
+
+
+def test_pixel_vae_matches_pooled_reference():
+    """Decoding returns each frame group's space-time average, computed here independently in float64."""
+    video = _video(1, 9, 16, 24).double()
+    vae = PixelVAE(temporal_factor=4, spatial_factor=8, latent_channels=3)
+    out = vae.decode(vae.encode(video))
+    pooled = F.avg_pool2d(video[0], 8)  # [F, 3, 2, 3]
+    groups = [pooled[0:1], pooled[1:5].mean(0, keepdim=True), pooled[5:9].mean(0, keepdim=True)]
+    expected = torch.cat([groups[0], groups[1].expand(4, -1, -1, -1), groups[2].expand(4, -1, -1, -1)])
+    expected = expected.repeat_interleave(8, -2).repeat_interleave(8, -1)
+    torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
+
+
+def test_pixel_vae_latents_roundtrip_exactly():
+    vae = PixelVAE(latent_channels=6)
+    z = vae.encode(_video())
+    torch.testing.assert_close(vae.encode(vae.decode(z)), z, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("shape", "error", "match"),
+    [
+        ((1, 8, 3, 32, 48), ValueError, "1 \\+ k \\* 4"),
+        ((1, 9, 3, 30, 48), ValueError, "multiples of 8"),
+        ((1, 9, 4, 32, 48), ValueError, "\\[B, F, 3, H, W\\]"),
+        ((9, 3, 32, 48), ValueError, "\\[B, F, 3, H, W\\]"),
+    ],
+    ids=["F=8", "H=30", "C=4", "rank4"],
+)
+def test_pixel_vae_rejects_bad_video(shape, error, match):
+    with pytest.raises(error, match=match):
+        PixelVAE().encode(torch.rand(shape))
+
+
+def test_pixel_vae_rejects_integer_video_and_bad_latents():
+    with pytest.raises(TypeError, match="floating-point"):
+        PixelVAE().encode(torch.zeros(1, 9, 3, 32, 48, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="latents"):
+        PixelVAE().decode(torch.zeros(1, 3, 2, 4, 4))
+
+
+# ----------------------------------------------------------------------------------- PixelSemanticEncoder
+def test_pixel_semantic_encoder_shape_and_determinism():
+    enc = PixelSemanticEncoder(out_dim=16)
+    assert isinstance(enc, SemanticEncoder)
+    video = _video(2, 4, 56, 84)
+    out = enc.encode(video)
+    assert out.shape == (2, 2, 2 * 3, 16)
+    torch.testing.assert_close(PixelSemanticEncoder(out_dim=16).encode(video), out, atol=0, rtol=0)
+    assert not torch.equal(PixelSemanticEncoder(out_dim=16, seed=1).encode(video), out)
+
+
+def test_pixel_semantic_encoder_is_local_and_raster_ordered():
+    """Changing one 28x28 cell of one frame pair changes exactly that token."""
+    enc = PixelSemanticEncoder(out_dim=8)
+    video = _video(1, 4, 56, 84)
+    edited = video.clone()
+    edited[0, 2:4, :, 28:56, 56:84] = 1.0 - edited[0, 2:4, :, 28:56, 56:84]  # frame pair 1, row 1, column 2
+    changed = (enc.encode(edited) - enc.encode(video)).abs().amax(-1) > 1e-6
+    expected = torch.zeros(1, 2, 6, dtype=torch.bool)
+    expected[0, 1, 1 * 3 + 2] = True
+    assert torch.equal(changed, expected)
+
+
+def test_pixel_semantic_encoder_sees_motion():
+    enc = PixelSemanticEncoder(out_dim=8)
+    still = _video(1, 2, 28, 28)[:, :1].expand(1, 2, 3, 28, 28).contiguous()
+    moving = still.clone()
+    moving[:, 1] = moving[:, 1].roll(7, dims=-1)
+    assert not torch.allclose(enc.encode(still), enc.encode(moving))
+
+
+@pytest.mark.parametrize(("shape", "match"), [((1, 3, 3, 56, 56), "multiple of 2"), ((1, 4, 3, 56, 60), "28")])
+def test_pixel_semantic_encoder_rejects_bad_video(shape, match):
+    with pytest.raises(ValueError, match=match):
+        PixelSemanticEncoder().encode(torch.rand(shape))
+
+
+# -------------------------------------------------------------------------------------- HashTextEncoder
+def test_hash_text_encoder_distinguishes_prompts_and_is_deterministic():
+    enc = HashTextEncoder(dim=32, max_len=16)
+    assert isinstance(enc, TextEncoder)
+    emb, mask = enc.encode(["red square", "blue circle", "square red", ""])
+    assert emb.shape == (4, 16, 32) and emb.dtype == torch.float32
+    assert mask.dtype == torch.bool and mask.sum(1).tolist() == [3, 3, 3, 1]
+    assert (emb[0] - emb[1]).abs().max() > 0.5
+    assert (emb[0] - emb[2]).abs().max() > 0.1  # word order matters
+    assert torch.all(emb[~mask] == 0)
+    emb2, mask2 = HashTextEncoder(dim=32, max_len=16).encode(["red square", "blue circle", "square red", ""])
+    assert torch.equal(emb, emb2) and torch.equal(mask, mask2)
+    # case and spacing do not matter; the seed does
+    torch.testing.assert_close(enc.encode(["Red   SQUARE"])[0], emb[:1], atol=0, rtol=0)
+    assert not torch.equal(HashTextEncoder(dim=32, max_len=16, seed=3).encode(["red square"])[0], emb[:1])
+
+
+def test_hash_text_encoder_truncates_keeping_end_token():
+    enc = HashTextEncoder(dim=8, max_len=4)
+    emb, mask = enc.encode(["one two three four five six"])
+    assert mask.tolist() == [[True, True, True, True]]
+    torch.testing.assert_close(emb[0, 3] - enc.positions[3], enc.token_embedding("</s>"))
+
+
+def test_text_encoders_reject_bad_prompts():
+    enc = HashTextEncoder(dim=8, max_len=4)
+    with pytest.raises(TypeError, match="single str"):
+        enc.encode("a cat")
+    with pytest.raises(ValueError, match="empty"):
+        enc.encode([])
+    with pytest.raises(TypeError, match="list of str"):
+        enc.encode([1, 2])
+
+
+# ------------------------------------------------------------------------------------------- factories
+def test_factories_build_weight_free_encoders():
+    vae = build_vae({"kind": "pixel", "temporal_factor": 2, "spatial_factor": 4, "latent_channels": 3})
+    assert (vae.temporal_factor, vae.spatial_factor, vae.latent_channels) == (2, 4, 3)
+    sem = build_semantic_encoder({"kind": "pixel", "out_dim": 12})
+    assert sem.out_dim == 12 and sem.temporal_factor == 2 and sem.spatial_factor == 28
+    text = build_text_encoder({"kind": "hash", "dim": 24, "max_len": 8})
+    assert text.dim == 24 and text.max_len == 8
+
+
+@pytest.mark.parametrize(
+    ("builder", "spec", "match"),
+    [
+        (build_vae, {"kind": "sd"}, "unknown kind 'sd'"),
+        (build_vae, {"temporal_factor": 4}, "unknown kind None"),
+        (build_vae, {"kind": "pixel", "tempral_factor": 4}, "unknown key\\(s\\) \\['tempral_factor'\\]"),
+        (build_text_encoder, {"kind": "hf"}, "needs key\\(s\\) \\['path'\\]"),
+        (build_text_encoder, {"kind": "hash", "width": 3}, "'width'"),
+        (build_text_encoder, {"kind": "t5"}, "unknown kind 't5'"),
+    ],
+)
+def test_factories_reject_bad_specs(builder, spec, match):
+    with pytest.raises(ValueError, match=match):
+        builder(spec)
+
+
+def test_factories_reject_non_dict():
+    with pytest.raises(TypeError, match="dict"):
+        build_vae("pixel")

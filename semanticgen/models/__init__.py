@@ -1,0 +1,40 @@
+"""Models of the SemanticGen method: compressor, diffusion-transformer blocks and the two generators.
+
+* :class:`SemanticCompressor`: encoder features -> small Gaussian latent with a KL term.
+* :class:`SemanticGenerator` (stage 1): text -> compressed semantic tokens, full attention.
+* :class:`LatentGenerator` (stage 2): text + semantic tokens in context -> VAE latents, full or
+  interleaved shifted-window attention.
+* :class:`DiTBlock`: the adaLN transformer block both generators stack (``model.blocks``).
+"""
+
+from __future__ import annotations
+
+from .attention import CrossAttention, SelfAttention
+from .blocks import DiTBlock, FinalLayer
+from .compressor import CompressorOutput, SemanticCompressor, gaussian_kl
+from .embeddings import TextProjection, TimestepEmbedder, patchify, sinusoidal_embedding, unpatchify
+from .latent_generator import LatentGenerator
+from .rope import apply_rope, grid_positions, rope_axis_dims, rope_tables, token_grid
+from .semantic_generator import SemanticGenerator
+
+__all__ = [
+    "SemanticCompressor",
+    "CompressorOutput",
+    "gaussian_kl",
+    "SemanticGenerator",
+    "LatentGenerator",
+    "DiTBlock",
+    "FinalLayer",
+    "SelfAttention",
+    "CrossAttention",
+    "TimestepEmbedder",
+    "TextProjection",
+    "patchify",
+    "unpatchify",
+    "sinusoidal_embedding",
+    "apply_rope",
+    "rope_tables",
+    "rope_axis_dims",
+    "grid_positions",
+    "token_grid",
+]

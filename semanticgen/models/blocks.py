@@ -1,0 +1,98 @@
+"""Diffusion-transformer block and output layer, both conditioned on the timestep through adaLN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from semanticgen.ops import WindowLayout
+
+from .attention import CrossAttention, SelfAttention
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: ``x * (1 + scale) + shift`` with per-sample ``shift/scale [B, 1, C]``."""
+    return x * (1 + scale) + shift
+
+
+class DiTBlock(nn.Module):
+    """adaLN self-attention, cross-attention to text, adaLN MLP; each a residual branch.
+
+    The adaLN projection and the cross-attention output are zero-initialised, so a fresh block is the
+    identity map (DiT's adaLN-Zero): stacking many blocks does not perturb the signal at initialisation.
+    The block holds all of its parameters (FSDP shards it as one unit) and no buffers.
+    """
+
+    @dataclass
+    class Config:
+        hidden: int = 1024
+        heads: int = 16
+        mlp_ratio: float = 4.0
+        qk_norm: bool = True
+        swin_backend: str | None = None
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        c = config.hidden
+        self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.attn = SelfAttention(c, config.heads, qk_norm=config.qk_norm, swin_backend=config.swin_backend)
+        self.norm2 = nn.LayerNorm(c, eps=1e-6)
+        self.cross = CrossAttention(c, config.heads, qk_norm=config.qk_norm)
+        self.norm3 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(round(c * config.mlp_ratio))
+        self.mlp = nn.Sequential(nn.Linear(c, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, c))
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        nn.init.zeros_(self.modulation[1].weight)
+        nn.init.zeros_(self.modulation[1].bias)
+        nn.init.zeros_(self.cross.proj.weight)
+        nn.init.zeros_(self.cross.proj.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cond: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: WindowLayout | None = None,
+        shifted: bool = False,
+    ) -> torch.Tensor:
+        """One block.
+
+        Args:
+            x: ``[B, N, C]`` tokens.
+            cond: ``[B, C]`` timestep conditioning.
+            text: ``[B, L, C]`` projected text states; ``text_mask``: ``[B, L]`` bool.
+            cos, sin: RoPE tables ``[N, D/2]``.
+            layout: window layout for shifted-window self-attention, ``None`` for full attention.
+            shifted: use the shifted windows (odd layers).
+
+        Returns:
+            ``[B, N, C]``.
+        """
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond)[:, None].chunk(6, dim=-1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, layout, shifted)
+        x = x + self.cross(self.norm2(x), text, text_mask)
+        return x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated norm and a zero-initialised projection to the output channels (velocity starts at 0)."""
+
+    def __init__(self, hidden: int, out_features: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, out_features)
+        for layer in (self.modulation[1], self.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``x [B, N, C]``, ``cond [B, C]`` -> ``[B, N, out_features]``."""
+        shift, scale = self.modulation(cond)[:, None].chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))

@@ -1,0 +1,118 @@
+"""Semantic compressor: encoder features -> low-dimensional Gaussian (mean, log-variance) with a KL term."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ._validation import check_tensor
+
+
+class CompressorOutput(NamedTuple):
+    """What :meth:`SemanticCompressor.forward` returns.
+
+    Attributes:
+        z: ``[B, Ts, Ss, dim]`` sample ``mean + exp(logvar / 2) * eps`` (or ``mean`` when not sampling).
+        mean: ``[B, Ts, Ss, dim]``.
+        logvar: ``[B, Ts, Ss, dim]`` (clamped, see :class:`SemanticCompressor.Config`).
+        kl: 0-d tensor, KL(N(mean, exp(logvar)) || N(0, I)) summed over ``dim``, averaged over tokens.
+    """
+
+    z: torch.Tensor
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    kl: torch.Tensor
+
+
+def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Per-token ``KL(N(mean, exp(logvar)) || N(0, I)) = 0.5 * sum(mean^2 + exp(logvar) - 1 - logvar)``.
+
+    ``mean, logvar``: ``[..., dim]`` -> ``[...]`` in float32 (or float64 for float64 input).
+    """
+    acc = torch.promote_types(mean.dtype, torch.float32)
+    m, lv = mean.to(acc), logvar.to(acc)
+    return 0.5 * (m.square() + lv.exp() - 1.0 - lv).sum(dim=-1)
+
+
+class SemanticCompressor(nn.Module):
+    """MLP from semantic-encoder features to a small Gaussian latent (the paper's 8-dim semantic space).
+
+    ``LayerNorm(in_dim) -> [Linear -> GELU] x depth -> Linear(hidden, 2 * dim)`` gives mean and
+    log-variance; :meth:`forward` samples with the reparameterisation trick and returns the KL term that
+    is trained jointly with the stage-2 loss. The input LayerNorm matters: vision-tower features reach
+    magnitudes of hundreds, which would saturate an un-normalised MLP at initialisation.
+
+    Example:
+        >>> comp = SemanticCompressor(SemanticCompressor.Config(in_dim=32, dim=8, hidden=64))
+        >>> out = comp(torch.randn(2, 3, 4, 32))
+        >>> out.z.shape, out.kl.shape
+        (torch.Size([2, 3, 4, 8]), torch.Size([]))
+    """
+
+    @dataclass
+    class Config:
+        in_dim: int = 2048
+        """Width of the semantic-encoder features (Qwen2.5-VL vision tower: 2048 for 3B; 8192 for 72B)."""
+        dim: int = 8
+        """Width of the compressed semantic tokens (8 was best in the paper's ablation)."""
+        hidden: int = 1024
+        depth: int = 1
+        """Hidden layers of the MLP."""
+        logvar_min: float = -30.0
+        logvar_max: float = 20.0
+        """Clamp of the predicted log-variance: keeps ``exp`` finite in fp16/bf16."""
+
+        @classmethod
+        def tiny(cls) -> SemanticCompressor.Config:
+            return cls(in_dim=32, dim=4, hidden=32, depth=1)
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        if config.dim < 1 or config.in_dim < 1 or config.hidden < 1 or config.depth < 1:
+            raise ValueError(f"SemanticCompressor: in_dim, dim, hidden and depth must be >= 1, got {config}")
+        layers: list[nn.Module] = [nn.LayerNorm(config.in_dim)]
+        width = config.in_dim
+        for _ in range(config.depth):
+            layers += [nn.Linear(width, config.hidden), nn.GELU(approximate="tanh")]
+            width = config.hidden
+        layers.append(nn.Linear(width, 2 * config.dim))
+        self.mlp = nn.Sequential(*layers)
+
+    def _moments(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_tensor("SemanticCompressor: features", features, 4, "[B, Ts, Ss, in_dim]")
+        if features.shape[-1] != self.config.in_dim:
+            raise ValueError(
+                f"SemanticCompressor: features must have in_dim={self.config.in_dim} channels, "
+                f"got shape {tuple(features.shape)}"
+            )
+        mean, logvar = self.mlp(features).chunk(2, dim=-1)
+        return mean, logvar.clamp(self.config.logvar_min, self.config.logvar_max)
+
+    def forward(
+        self, features: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
+    ) -> CompressorOutput:
+        """Compress ``features [B, Ts, Ss, in_dim]``.
+
+        Args:
+            features: semantic-encoder output.
+            sample: draw ``z`` with the reparameterisation trick; ``False`` returns ``z = mean``.
+            generator: RNG for the sample.
+
+        Returns:
+            :class:`CompressorOutput` with ``z/mean/logvar [B, Ts, Ss, dim]`` and the 0-d ``kl``.
+        """
+        mean, logvar = self._moments(features)
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps
+        else:
+            z = mean
+        return CompressorOutput(z, mean, logvar, gaussian_kl(mean, logvar).mean())
+
+    def encode_mean(self, features: torch.Tensor) -> torch.Tensor:
+        """Deterministic compression: the posterior mean ``[B, Ts, Ss, dim]``."""
+        return self._moments(features)[0]

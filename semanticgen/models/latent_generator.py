@@ -1,0 +1,198 @@
+"""Stage 2: a diffusion transformer that generates VAE latents with semantic tokens in context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from semanticgen.ops import WindowLayout
+
+from ._validation import check_conditioning, check_tensor
+from .blocks import DiTBlock, FinalLayer
+from .embeddings import TextProjection, TimestepEmbedder, patchify, unpatchify
+from .rope import grid_positions, rope_tables, token_grid
+
+ATTENTION_MODES = ("full", "swin")
+
+
+class LatentGenerator(nn.Module):
+    """Velocity model over VAE latents ``[B, C, T, H, W]``, conditioned in context on ``z_sem [B, Ts, Ss, dim]``.
+
+    The sequence is ``[VAE tokens, semantic tokens]``: latents cut into ``(pt, ph, pw)`` patches, frame-major
+    (``Tv = T / pt`` token frames of ``Sv = (H / ph) * (W / pw)`` tokens), then ``z_sem`` projected to the
+    model width, frame-major. That is exactly the token order of :class:`~semanticgen.ops.WindowLayout`.
+    Only the VAE tokens are decoded back to a velocity.
+
+    RoPE positions put both streams on one frame:
+
+    * VAE token ``(i, r, c)`` at ``(i, r, c)``;
+    * semantic frame ``j`` at time ``j * Tv / Ts``, its ``Ss`` tokens on the ``token_grid(Ss, H' / W')`` raster
+      (the factorisation closest to the latent grid's aspect) stretched over the ``H' x W'`` VAE grid, each
+      semantic token at the centre of the VAE patches it covers.
+
+    Attention: ``"full"`` attends over the whole sequence in every layer (short clips); ``"swin"`` restricts
+    each token to the VAE and semantic tokens of its ``window``-frame time span through ``swin_attention``,
+    windows shifted by ``window // 2`` on odd layers (long clips).
+
+    Example:
+        >>> model = LatentGenerator(LatentGenerator.Config.tiny())
+        >>> cfg = model.config
+        >>> x = torch.randn(1, cfg.in_channels, 4, 8, 8)
+        >>> z_sem = torch.randn(1, 2, 4, cfg.sem_dim)
+        >>> text, mask = torch.randn(1, 5, cfg.text_dim), torch.ones(1, 5, dtype=torch.bool)
+        >>> model(x, torch.rand(1), text, mask, z_sem).shape
+        torch.Size([1, 4, 4, 8, 8])
+    """
+
+    @dataclass
+    class Config:
+        in_channels: int = 16
+        """Latent channels of the VAE (Wan 2.1 VAE: 16)."""
+        patch: tuple[int, int, int] = (1, 2, 2)
+        """``(pt, ph, pw)`` patch size over (time, height, width) of the latents."""
+        sem_dim: int = 8
+        """Channels of the semantic tokens ``z_sem``."""
+        hidden: int = 1536
+        depth: int = 30
+        heads: int = 12
+        mlp_ratio: float = 4.0
+        text_dim: int = 4096
+        qk_norm: bool = True
+        rope_theta: float = 10000.0
+        attention: str = "full"
+        """``"full"`` or ``"swin"`` (interleaved shifted windows)."""
+        window: int = 8
+        """Window length ``Tw`` in latent frames (a multiple of ``pt``) for ``attention="swin"``."""
+        swin_backend: str | None = None
+        """``backend=`` for ``swin_attention`` (``None``: fastest available for the device)."""
+
+        @classmethod
+        def tiny(cls) -> LatentGenerator.Config:
+            return cls(
+                in_channels=4,
+                patch=(1, 2, 2),
+                sem_dim=4,
+                hidden=32,
+                depth=2,
+                heads=2,
+                mlp_ratio=2.0,
+                text_dim=16,
+                window=2,
+            )
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        if config.attention not in ATTENTION_MODES:
+            raise ValueError(f"LatentGenerator: attention must be one of {ATTENTION_MODES}, got {config.attention!r}")
+        if config.hidden % config.heads:
+            raise ValueError(f"LatentGenerator: hidden={config.hidden} must be divisible by heads={config.heads}")
+        patch = tuple(config.patch)
+        if len(patch) != 3 or any(not isinstance(p, int) or p < 1 for p in patch):
+            raise ValueError(f"LatentGenerator: patch must be three positive ints (pt, ph, pw), got {config.patch!r}")
+        if config.window < 1 or config.window % patch[0]:
+            raise ValueError(
+                f"LatentGenerator: window must be a positive multiple of the temporal patch {patch[0]}, "
+                f"got {config.window}"
+            )
+        self.patch = patch
+        self.head_dim = config.hidden // config.heads
+        patch_features = config.in_channels * patch[0] * patch[1] * patch[2]
+        self.x_embed = nn.Linear(patch_features, config.hidden)
+        self.sem_embed = nn.Linear(config.sem_dim, config.hidden)
+        self.t_embed = TimestepEmbedder(config.hidden)
+        self.text_embed = TextProjection(config.text_dim, config.hidden)
+        block_cfg = DiTBlock.Config(
+            config.hidden, config.heads, config.mlp_ratio, config.qk_norm, swin_backend=config.swin_backend
+        )
+        self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
+        self.final = FinalLayer(config.hidden, patch_features)
+        self._layouts: dict[tuple[int, int, int, int], WindowLayout] = {}
+
+    def window_layout(self, vae_frames: int, vae_tokens: int, sem_frames: int, sem_tokens: int) -> WindowLayout:
+        """The (cached) :class:`WindowLayout` of a sequence shape; its index maps are reused across calls."""
+        key = (vae_frames, vae_tokens, sem_frames, sem_tokens)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= 16:  # a training run sees a handful of shapes; bound it anyway
+                self._layouts.clear()
+            layout = WindowLayout(vae_frames, vae_tokens, sem_frames, sem_tokens, self.config.window // self.patch[0])
+            self._layouts[key] = layout
+        return layout
+
+    @staticmethod
+    def token_positions(
+        vae_frames: int, rows: int, cols: int, sem_frames: int, sem_tokens: int, *, device=None
+    ) -> torch.Tensor:
+        """RoPE positions ``float32 [Tv * H' * W' + Ts * Ss, 3]`` of the ``[VAE tokens, semantic tokens]`` sequence.
+
+        VAE token ``(i, r, c)`` sits at ``(i, r, c)``; semantic frame ``j`` at time ``j * Tv / Ts`` with its
+        tokens on a ``token_grid(Ss, H' / W')`` raster stretched over the ``H' x W'`` grid (cell centres).
+        """
+        vae_pos = grid_positions(vae_frames, rows, cols, device=device)
+        if sem_frames == 0:
+            return vae_pos
+        sem_rows, sem_cols = token_grid(sem_tokens, rows / cols)
+        sem_pos = grid_positions(
+            sem_frames, sem_rows, sem_cols, time_scale=vae_frames / sem_frames, span=(rows, cols), device=device
+        )
+        return torch.cat([vae_pos, sem_pos])
+
+    def _check(self, x, t, text, text_mask, z_sem) -> None:
+        check_tensor("LatentGenerator: x", x, 5, "[B, C, T, H, W]")
+        b, c, t_len, h, w = x.shape
+        if c != self.config.in_channels:
+            raise ValueError(
+                f"LatentGenerator: x must have in_channels={self.config.in_channels} channels, got {tuple(x.shape)}"
+            )
+        pt, ph, pw = self.patch
+        if t_len % pt or h % ph or w % pw:
+            raise ValueError(
+                f"LatentGenerator: x's [T, H, W] = {[t_len, h, w]} must be divisible by patch {self.patch}"
+            )
+        check_tensor("LatentGenerator: z_sem", z_sem, 4, "[B, Ts, Ss, sem_dim]")
+        if z_sem.shape[0] != b or z_sem.shape[3] != self.config.sem_dim:
+            raise ValueError(
+                f"LatentGenerator: z_sem must be [B={b}, Ts, Ss, sem_dim={self.config.sem_dim}], "
+                f"got {tuple(z_sem.shape)}"
+            )
+        check_conditioning("LatentGenerator", b, t, text, text_mask, self.config.text_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        z_sem: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict the flow velocity of the VAE latents.
+
+        Args:
+            x: ``[B, C, T, H, W]`` noisy latents ``z_t``.
+            t: ``[B]`` flow times in ``[0, 1]``.
+            text: ``[B, L, text_dim]``; ``text_mask``: ``[B, L]`` bool (all False = empty prompt).
+            z_sem: ``[B, Ts, Ss, sem_dim]`` (noise-augmented) compressed semantic tokens.
+
+        Returns:
+            ``[B, C, T, H, W]`` velocity.
+        """
+        self._check(x, t, text, text_mask, z_sem)
+        b, c, t_len, h, w = x.shape
+        pt, ph, pw = self.patch
+        tv, hv, wv = t_len // pt, h // ph, w // pw
+        _, ts, ss, _ = z_sem.shape
+
+        positions = self.token_positions(tv, hv, wv, ts, ss, device=x.device)
+        cos, sin = rope_tables(positions, self.head_dim, theta=self.config.rope_theta)
+
+        tokens = torch.cat([self.x_embed(patchify(x, self.patch)), self.sem_embed(z_sem.reshape(b, ts * ss, -1))], 1)
+        cond = self.t_embed(t)
+        txt = self.text_embed(text)
+        layout = self.window_layout(tv, hv * wv, ts, ss) if self.config.attention == "swin" else None
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, cond, txt, text_mask, cos, sin, layout, i % 2 == 1)
+        out = self.final(tokens[:, : tv * hv * wv], cond)
+        return unpatchify(out, self.patch, (c, t_len, h, w))

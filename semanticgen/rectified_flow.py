@@ -1,0 +1,258 @@
+"""Rectified flow: timestep sampling, noising, the flow-matching loss, noise augmentation and a CFG Euler sampler.
+
+Convention (shared with :mod:`semanticgen.ops`): ``z_t = (1 - t) z0 + t eps``, velocity target
+``u = eps - z0``; sampling integrates from ``t = 1`` (noise) to ``t = 0`` (data) with ``z <- z + (t_next - t) v``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = [
+    "time_shift",
+    "sample_timesteps",
+    "sampling_schedule",
+    "flow_noising",
+    "flow_matching_loss",
+    "noise_augment",
+    "euler_sample",
+]
+
+TIMESTEP_KINDS = ("uniform", "logit_normal")
+Scalar = float | torch.Tensor
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Elementwise kernels. TODO(flow-ops): switch to semanticgen.ops.flow once it lands; these are the plain torch
+# expressions of the same maths, one private function each.
+def _per_batch(value: Scalar, like: torch.Tensor) -> Scalar:
+    """A float, 0-d tensor or ``[B]`` tensor, shaped to broadcast against ``like [B, ...]``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
+    return value
+
+
+def _euler_step(z: torch.Tensor, v: torch.Tensor, dt: Scalar, out: torch.Tensor | None = None) -> torch.Tensor:
+    # TODO(flow-ops): semanticgen.ops.flow.euler_step(z, v, dt, out=out)
+    result = z + _per_batch(dt, z) * v
+    return result if out is None else out.copy_(result)
+
+
+def _cfg_euler_step(
+    z: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: Scalar, dt: Scalar, out: torch.Tensor
+) -> torch.Tensor:
+    # TODO(flow-ops): semanticgen.ops.flow.cfg_euler_step(z, v_cond, v_uncond, guidance, dt, out=out)
+    v = v_uncond + _per_batch(guidance, z) * (v_cond - v_uncond)
+    return out.copy_(z + _per_batch(dt, z) * v)
+
+
+def _flow_noising(z0: torch.Tensor, eps: torch.Tensor, t: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
+    # TODO(flow-ops): semanticgen.ops.flow.flow_noising(z0, eps, t)
+    tb = _per_batch(t, z0)
+    return (1 - tb) * z0 + tb * eps, eps - z0
+
+
+def _flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    # TODO(flow-ops): semanticgen.ops.flow.flow_matching_loss(v_pred, z0, eps)
+    acc = torch.promote_types(v_pred.dtype, torch.float32)
+    return (v_pred.to(acc) - (eps.to(acc) - z0.to(acc))).square().mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
+def _check_scalar_or_batch(name: str, value: object, batch: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name} must be a float or a tensor (0-d or [B]), got {type(value).__name__}")
+    if isinstance(value, torch.Tensor) and not (value.dim() == 0 or tuple(value.shape) == (batch,)):
+        raise ValueError(
+            f"{name} must be a 0-d tensor or one value per batch element [B={batch}], got {tuple(value.shape)}"
+        )
+
+
+def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Resolution shift ``t' = shift * t / (1 + (shift - 1) * t)``.
+
+    ``shift > 1`` moves time towards the noise end (``t = 1``): larger videos keep more signal at a given
+    noise level, so they need more steps spent at high noise. ``shift = 1`` is the identity; ``0`` and
+    ``1`` are fixed points.
+    """
+    if not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"time_shift: shift must be a positive finite float, got {shift!r}")
+    if shift == 1:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def sample_timesteps(
+    batch: int,
+    *,
+    kind: str = "logit_normal",
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    loc: float = 0.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """Training timesteps.
+
+    Args:
+        batch: number of timesteps ``B``.
+        kind: ``"uniform"`` (``U(0, 1)``) or ``"logit_normal"`` (``sigmoid(N(loc, scale^2))``, which spends more
+            samples in the middle where the velocity is hardest to predict, as in SD3).
+        shift: resolution shift applied afterwards (:func:`time_shift`).
+        generator: RNG (on ``device``) for reproducible draws.
+        loc, scale: the logit-normal's location and scale.
+
+    Returns:
+        ``float32 [B]`` in ``(0, 1)``.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"sample_timesteps: batch must be a positive int, got {batch!r}")
+    if kind == "uniform":
+        t = torch.rand(batch, generator=generator, device=device)
+    elif kind == "logit_normal":
+        if not scale > 0:
+            raise ValueError(f"sample_timesteps: scale must be > 0, got {scale}")
+        t = torch.sigmoid(torch.randn(batch, generator=generator, device=device) * scale + loc)
+    else:
+        raise ValueError(f"sample_timesteps: kind must be one of {TIMESTEP_KINDS}, got {kind!r}")
+    return time_shift(t, shift)
+
+
+def sampling_schedule(steps: int, *, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
+    """Sampling times ``float32 [steps + 1]`` from 1 down to 0, evenly spaced then :func:`time_shift`-ed."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"sampling_schedule: steps must be a positive int, got {steps!r}")
+    return time_shift(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
+
+
+def flow_noising(z0: torch.Tensor, eps: torch.Tensor, t: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
+    """``z_t = (1 - t) z0 + t eps`` and the velocity target ``u = eps - z0``.
+
+    Args:
+        z0: clean data ``[B, ...]``; eps: noise of the same shape.
+        t: float, 0-d tensor or ``[B]`` tensor.
+    """
+    if z0.shape != eps.shape:
+        raise ValueError(f"flow_noising: z0 {tuple(z0.shape)} and eps {tuple(eps.shape)} must have the same shape")
+    _check_scalar_or_batch("flow_noising: t", t, z0.shape[0])
+    return _flow_noising(z0, eps, t)
+
+
+def flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Conditional flow-matching loss ``mean((v_pred - (eps - z0))^2)`` as a 0-d float32 tensor."""
+    if not (v_pred.shape == z0.shape == eps.shape):
+        raise ValueError(
+            f"flow_matching_loss: v_pred {tuple(v_pred.shape)}, z0 {tuple(z0.shape)} and eps {tuple(eps.shape)} "
+            "must have the same shape"
+        )
+    return _flow_matching_loss(v_pred, z0, eps)
+
+
+def noise_augment(z_sem: torch.Tensor, level: Scalar, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Noise-augment semantic tokens before they condition stage 2 (as RAE does for its decoder).
+
+    Stage 2 trains on semantic tokens from real videos but runs on tokens that stage 1 generated; noising
+    both to the same level hides their difference. The noise follows the flow's own forward process,
+    ``(1 - level) * z_sem + level * eps``, so ``level`` reads as a flow time: 0 leaves ``z_sem`` unchanged,
+    1 replaces it by pure noise.
+
+    Args:
+        z_sem: ``[B, ...]`` semantic tokens.
+        level: float in ``[0, 1]``, or a tensor (0-d or ``[B]``) of such values (e.g. a random level per
+            sample during training).
+        generator: RNG for ``eps`` (on ``z_sem``'s device).
+
+    Returns:
+        Tensor like ``z_sem``.
+    """
+    _check_scalar_or_batch("noise_augment: level", level, z_sem.shape[0])
+    if not isinstance(level, torch.Tensor):
+        if not 0.0 <= level <= 1.0:
+            raise ValueError(f"noise_augment: level must be in [0, 1], got {level}")
+        if level == 0:
+            return z_sem
+    eps = torch.randn(z_sem.shape, generator=generator, device=z_sem.device, dtype=z_sem.dtype)
+    return _flow_noising(z_sem, eps, level)[0]
+
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@torch.no_grad()
+def euler_sample(
+    velocity_fn: VelocityFn,
+    noise: torch.Tensor | Sequence[int],
+    *,
+    steps: int,
+    guidance: Scalar = 1.0,
+    uncond_fn: VelocityFn | None = None,
+    progress: bool = True,
+    generator: torch.Generator | None = None,
+    shift: float = 1.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Integrate the flow from noise (``t = 1``) to data (``t = 0``) with Euler steps and classifier-free guidance.
+
+    Each step evaluates ``v = velocity_fn(z, t)`` (and ``uncond_fn(z, t)`` when guiding) and applies
+    ``z <- z + dt * (v_u + guidance * (v_c - v_u))``. The loop never synchronises with the device: times and
+    step sizes are precomputed tensors on the device, and nothing is read back.
+
+    Args:
+        velocity_fn: ``(z [B, ...], t [B]) -> v [B, ...]``, the conditional velocity.
+        noise: the starting ``z_1`` (not modified), or a shape to draw it from ``N(0, I)`` with ``generator``.
+        steps: number of Euler steps.
+        guidance: CFG scale (float, 0-d or ``[B]`` tensor). A Python ``1.0`` skips ``uncond_fn`` entirely.
+        uncond_fn: the unconditional velocity (e.g. the model with an empty prompt); required unless
+            ``guidance`` is the float 1.0.
+        progress: show a progress bar over steps.
+        generator: RNG used when ``noise`` is a shape (same seed, same result).
+        shift: resolution shift of the time grid (:func:`sampling_schedule`).
+        device, dtype: where and in which dtype to draw ``noise`` when it is a shape.
+
+    Returns:
+        ``z_0`` with the shape of ``noise``.
+
+    Example:
+        >>> x0 = torch.randn(2, 3)
+        >>> out = euler_sample(lambda z, t: (z - x0) / t[:, None], torch.randn(2, 3), steps=4, progress=False)
+        >>> torch.allclose(out, x0, atol=1e-5)
+        True
+    """
+    if not callable(velocity_fn):
+        raise TypeError(f"euler_sample: velocity_fn must be callable, got {type(velocity_fn).__name__}")
+    if isinstance(noise, torch.Tensor):
+        z = noise.clone()
+    elif isinstance(noise, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in noise):
+        z = torch.randn(tuple(noise), generator=generator, device=device, dtype=dtype)
+    else:
+        raise TypeError(f"euler_sample: noise must be a tensor or a shape (sequence of ints), got {noise!r}")
+    if z.dim() < 1 or z.shape[0] < 1:
+        raise ValueError(f"euler_sample: noise must be [B, ...] with B >= 1, got shape {tuple(z.shape)}")
+    batch = z.shape[0]
+    _check_scalar_or_batch("euler_sample: guidance", guidance, batch)
+    guided = isinstance(guidance, torch.Tensor) or float(guidance) != 1.0
+    if guided and uncond_fn is None:
+        raise ValueError("euler_sample: guidance != 1 needs uncond_fn (the unconditional velocity)")
+    if isinstance(guidance, torch.Tensor):
+        guidance = guidance.to(device=z.device, dtype=torch.float32)
+
+    times = sampling_schedule(steps, shift=shift, device=z.device)
+    dts = times[1:] - times[:-1]  # negative: integrating towards t = 0
+    t_rows = times[:, None].expand(steps + 1, batch).contiguous()  # row i is the [B] time of step i
+    spare = torch.empty_like(z) if guided else None
+
+    for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
+        t = t_rows[i]
+        v_cond = velocity_fn(z, t)
+        if guided:
+            v_uncond = uncond_fn(z, t)
+            spare = _cfg_euler_step(z, v_cond, v_uncond, guidance, dts[i], out=spare)
+            z, spare = spare, z  # ping-pong buffers: the fused op never reads and writes the same memory
+        else:
+            z = _euler_step(z, v_cond, dts[i], out=z)
+    return z

@@ -1,0 +1,311 @@
+"""Models on CPU with tiny configs: shapes, KL, RoPE, windowed vs full attention, masking, gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from semanticgen.models import (
+    DiTBlock,
+    LatentGenerator,
+    SemanticCompressor,
+    SemanticGenerator,
+    apply_rope,
+    gaussian_kl,
+    grid_positions,
+    patchify,
+    rope_axis_dims,
+    rope_tables,
+    token_grid,
+    unpatchify,
+)
+
+
+def _randomize(model: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter (zero-initialised gates included) so every path carries signal."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0  # norm gains stay near 1
+            p.copy_(torch.randn(p.shape, generator=g) * std + centre)
+    return model
+
+
+def _text(batch: int, length: int, dim: int, valid: int | None = None):
+    text = torch.randn(batch, length, dim)
+    mask = torch.zeros(batch, length, dtype=torch.bool)
+    mask[:, : length if valid is None else valid] = True
+    return text, mask
+
+
+def _latent_inputs(cfg: LatentGenerator.Config, b=2, t=4, h=4, w=6, ts=2, ss=6):
+    x = torch.randn(b, cfg.in_channels, t, h, w)
+    z_sem = torch.randn(b, ts, ss, cfg.sem_dim)
+    text, mask = _text(b, 5, cfg.text_dim, valid=3)
+    return x, torch.rand(b), text, mask, z_sem
+
+
+# ------------------------------------------------------------------------------------------------ compressor
+def test_compressor_shapes_and_kl_matches_closed_form():
+    comp = _randomize(SemanticCompressor(SemanticCompressor.Config.tiny()), std=0.3)
+    feats = torch.randn(2, 3, 5, comp.config.in_dim) * 4
+    out = comp(feats, generator=torch.Generator().manual_seed(1))
+    shape = (2, 3, 5, comp.config.dim)
+    assert out.z.shape == out.mean.shape == out.logvar.shape == shape
+    assert out.kl.shape == ()
+    # Closed form against torch.distributions, per dimension, summed over dim and averaged over tokens.
+    q = torch.distributions.Normal(out.mean.double(), (0.5 * out.logvar.double()).exp())
+    p = torch.distributions.Normal(torch.zeros_like(q.loc), torch.ones_like(q.scale))
+    expected = torch.distributions.kl_divergence(q, p).sum(-1).mean()
+    torch.testing.assert_close(out.kl.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compressor_kl_is_zero_for_standard_normal():
+    mean = torch.zeros(4, 8)
+    assert gaussian_kl(mean, torch.zeros(4, 8)).abs().max() == 0
+    # One dimension with mean 1 and variance e: 0.5 * (1 + e - 1 - 1).
+    kl = gaussian_kl(torch.tensor([[1.0]]), torch.tensor([[1.0]]))
+    torch.testing.assert_close(kl, torch.tensor([0.5 * (math.e - 1)]))
+
+
+def test_compressor_reparameterisation_and_mean():
+    comp = _randomize(SemanticCompressor(SemanticCompressor.Config.tiny()), std=0.3)
+    feats = torch.randn(1, 2, 3, comp.config.in_dim)
+    out = comp(feats, generator=torch.Generator().manual_seed(7))
+    eps = torch.randn(out.mean.shape, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out.z, out.mean + (0.5 * out.logvar).exp() * eps)
+    torch.testing.assert_close(comp.encode_mean(feats), out.mean)
+    assert torch.equal(comp(feats, sample=False).z, out.mean)
+    # Gradients reach the encoder through the sample (reparameterisation) and the KL.
+    (out.z.sum() + out.kl).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in comp.parameters())
+
+
+def test_compressor_rejects_bad_input():
+    comp = SemanticCompressor(SemanticCompressor.Config.tiny())
+    with pytest.raises(ValueError, match="in_dim=32"):
+        comp(torch.randn(1, 2, 3, 31))
+    with pytest.raises(ValueError, match=r"\[B, Ts, Ss, in_dim\]"):
+        comp(torch.randn(2, 3, 32))
+
+
+# ------------------------------------------------------------------------------------------------ embeddings
+def test_patchify_is_frame_major_and_inverts():
+    x = torch.randn(2, 3, 4, 6, 8)
+    patch = (2, 3, 2)
+    tokens = patchify(x, patch)
+    assert tokens.shape == (2, 2 * 2 * 4, 3 * 2 * 3 * 2)
+    # Token (frame 1, row 1, col 2) holds x[:, :, 2:4, 3:6, 4:6].
+    idx = (1 * 2 + 1) * 4 + 2
+    torch.testing.assert_close(tokens[:, idx], x[:, :, 2:4, 3:6, 4:6].reshape(2, -1))
+    torch.testing.assert_close(unpatchify(tokens, patch, (3, 4, 6, 8)), x)
+    with pytest.raises(ValueError, match="divisible"):
+        patchify(torch.randn(1, 3, 3, 6, 8), patch)
+
+
+# ------------------------------------------------------------------------------------------------------ rope
+@pytest.mark.parametrize("head_dim", [6, 16, 64, 128])
+def test_rope_axis_dims_are_even_and_cover_the_head(head_dim):
+    dims = rope_axis_dims(head_dim)
+    assert sum(dims) == head_dim and all(d % 2 == 0 and d >= 2 for d in dims)
+
+
+def test_rope_is_relative_and_norm_preserving():
+    torch.manual_seed(0)
+    d = 24
+    q, k = torch.randn(1, 1, 1, d), torch.randn(1, 1, 1, d)
+
+    def score(pq, pk):
+        cq, sq = rope_tables(torch.tensor([pq]), d)
+        ck, sk = rope_tables(torch.tensor([pk]), d)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    # Fractional positions: only the offset matters, along each axis.
+    a = score([0.5, 1.0, 2.0], [2.25, 3.0, 1.0])
+    b = score([10.5, -4.0, 7.0], [12.25, -2.0, 6.0])
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(a, score([0.5, 1.0, 2.0], [2.5, 3.0, 1.0]))
+    cos, sin = rope_tables(torch.tensor([[3.3, 1.0, -2.0]]), d)
+    torch.testing.assert_close(apply_rope(q, cos, sin).norm(), q.norm())
+
+
+def test_token_grid_follows_aspect():
+    assert token_grid(12, 1.0) == (3, 4)
+    assert token_grid(12, 3 / 4) == (3, 4)
+    assert token_grid(12, 4 / 3) == (4, 3)
+    assert token_grid(8, 0.5) == (2, 4)
+    assert token_grid(7, 1.0) in {(1, 7), (7, 1)}
+    assert token_grid(1) == (1, 1)
+
+
+def test_latent_token_positions_share_the_time_axis():
+    tv, rows, cols, ts, ss = 8, 4, 6, 3, 6
+    pos = LatentGenerator.token_positions(tv, rows, cols, ts, ss)
+    assert pos.shape == (tv * rows * cols + ts * ss, 3)
+    torch.testing.assert_close(pos[: tv * rows * cols], grid_positions(tv, rows, cols))
+    sem = pos[tv * rows * cols :].reshape(ts, ss, 3)
+    for j in range(ts):
+        assert torch.all(sem[j, :, 0] == j * tv / ts)  # fractional: 0, 8/3, 16/3
+    # Ss = 6 on a 4x6 grid (aspect 2/3) -> 2x3 raster; cell centres on the VAE grid.
+    torch.testing.assert_close(sem[0, :, 1].unique(), torch.tensor([0.5, 2.5]))
+    torch.testing.assert_close(sem[0, :, 2].unique(), torch.tensor([0.5, 2.5, 4.5]))
+
+
+# --------------------------------------------------------------------------------------------------- blocks
+def test_fresh_block_is_identity():
+    block = DiTBlock(DiTBlock.Config(hidden=32, heads=2, mlp_ratio=2.0))
+    x = torch.randn(2, 10, 32)
+    cos, sin = rope_tables(grid_positions(2, 1, 5), 16)
+    text, mask = _text(2, 4, 32)
+    torch.testing.assert_close(block(x, torch.randn(2, 32), text, mask, cos, sin), x)
+
+
+def test_block_has_no_buffers_and_owns_its_parameters():
+    block = DiTBlock(DiTBlock.Config(hidden=32, heads=2))
+    assert list(block.buffers()) == []
+    assert sum(p.numel() for p in block.parameters()) > 0
+
+
+# ------------------------------------------------------------------------------------------ semantic generator
+def test_semantic_generator_shapes_and_fresh_output_is_zero():
+    model = SemanticGenerator(SemanticGenerator.Config.tiny())
+    x = torch.randn(2, 3, 4, model.config.dim)
+    text, mask = _text(2, 5, model.config.text_dim)
+    out = model(x, torch.rand(2), text, mask)
+    assert out.shape == x.shape
+    assert out.abs().max() == 0  # zero-initialised output layer: the first velocity is 0
+    assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == model.config.depth
+
+
+def test_semantic_generator_masked_text_is_ignored_and_empty_text_is_finite():
+    model = _randomize(SemanticGenerator(SemanticGenerator.Config.tiny()))
+    x, t = torch.randn(2, 3, 4, model.config.dim), torch.rand(2)
+    text, mask = _text(2, 6, model.config.text_dim, valid=2)
+    garbage = text.clone()
+    garbage[:, 2:] = torch.randn_like(garbage[:, 2:]) * 100
+    out = model(x, t, text, mask)
+    torch.testing.assert_close(model(x, t, garbage, mask), out)
+    empty = model(x, t, text, torch.zeros_like(mask))
+    assert torch.isfinite(empty).all()
+    assert not torch.allclose(empty, out)  # the prompt matters
+
+
+def test_semantic_generator_gradients_reach_every_parameter():
+    model = _randomize(SemanticGenerator(SemanticGenerator.Config.tiny()))
+    x = torch.randn(2, 2, 4, model.config.dim, requires_grad=True)
+    text, mask = _text(2, 3, model.config.text_dim)
+    model(x, torch.rand(2), text, mask).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0
+
+
+def test_semantic_generator_rejects_bad_input():
+    model = SemanticGenerator(SemanticGenerator.Config.tiny())
+    x = torch.randn(2, 3, 4, model.config.dim)
+    text, mask = _text(2, 5, model.config.text_dim)
+    with pytest.raises(ValueError, match="dim=4"):
+        model(torch.randn(2, 3, 4, 5), torch.rand(2), text, mask)
+    with pytest.raises(ValueError, match="one timestep per batch"):
+        model(x, torch.rand(3), text, mask)
+    with pytest.raises(TypeError, match="bool"):
+        model(x, torch.rand(2), text, mask.float())
+    with pytest.raises(ValueError, match="text_dim=16"):
+        model(x, torch.rand(2), torch.randn(2, 5, 8), mask)
+
+
+# -------------------------------------------------------------------------------------------- latent generator
+def test_latent_generator_shapes():
+    for attention in ("full", "swin"):
+        cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)
+        model = _randomize(LatentGenerator(cfg))
+        inputs = _latent_inputs(cfg)
+        out = model(*inputs)
+        assert out.shape == inputs[0].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 1)], ids=["patch=1x2x2", "patch=2x2x1"])
+def test_latent_generator_swin_equals_full_when_one_window_covers_the_clip(patch):
+    t = 4
+    # Shifted windows start at -Tw/2, so one window covers all Tv frames on both parities when Tw >= 2 * Tv.
+    base = dataclasses.replace(LatentGenerator.Config.tiny(), patch=patch, depth=3, window=2 * t)
+    full = _randomize(LatentGenerator(dataclasses.replace(base, attention="full")))
+    swin = LatentGenerator(dataclasses.replace(base, attention="swin"))
+    swin.load_state_dict(full.state_dict())
+    inputs = _latent_inputs(base, t=t, ts=3)
+    torch.testing.assert_close(swin(*inputs), full(*inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_latent_generator_small_windows_restrict_attention():
+    base = dataclasses.replace(LatentGenerator.Config.tiny(), depth=2, window=2)
+    full = _randomize(LatentGenerator(dataclasses.replace(base, attention="full")))
+    swin = LatentGenerator(dataclasses.replace(base, attention="swin"))
+    swin.load_state_dict(full.state_dict())
+    x, t, text, mask, z_sem = _latent_inputs(base, t=8, ts=4)
+    assert not torch.allclose(swin(x, t, text, mask, z_sem), full(x, t, text, mask, z_sem), atol=1e-4)
+    # With one unshifted layer, a change in the last frames cannot reach frame 0 (window of 2 frames).
+    one_layer = LatentGenerator(dataclasses.replace(base, attention="swin", depth=1))
+    one_layer.load_state_dict({k: v for k, v in swin.state_dict().items() if not k.startswith("blocks.1.")})
+    x2, z2 = x.clone(), z_sem.clone()
+    x2[:, :, 4:] += 1.0
+    z2[:, 2:] += 1.0
+    a, b = one_layer(x, t, text, mask, z_sem), one_layer(x2, t, text, mask, z2)
+    torch.testing.assert_close(a[:, :, :4], b[:, :, :4])
+    assert not torch.allclose(a[:, :, 4:], b[:, :, 4:])
+
+
+def test_latent_generator_swin_cpu_backend_matches_reference_backend():
+    base = dataclasses.replace(LatentGenerator.Config.tiny(), attention="swin", window=2, depth=2)
+    cpu = _randomize(LatentGenerator(dataclasses.replace(base, swin_backend="cpu")))
+    ref = LatentGenerator(dataclasses.replace(base, swin_backend="reference"))
+    ref.load_state_dict(cpu.state_dict())
+    inputs = _latent_inputs(base, t=6, ts=3)
+    torch.testing.assert_close(cpu(*inputs), ref(*inputs), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["full", "swin"])
+def test_latent_generator_gradients_reach_every_parameter(attention):
+    cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)
+    model = _randomize(LatentGenerator(cfg))
+    x, t, text, mask, z_sem = _latent_inputs(cfg)
+    z_sem.requires_grad_(True)
+    model(x, t, text, mask, z_sem).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert z_sem.grad.abs().sum() > 0  # the semantic tokens condition the output
+
+
+def test_latent_generator_empty_text_is_finite():
+    cfg = LatentGenerator.Config.tiny()
+    model = _randomize(LatentGenerator(cfg))
+    x, t, text, mask, z_sem = _latent_inputs(cfg)
+    assert torch.isfinite(model(x, t, text, torch.zeros_like(mask), z_sem)).all()
+
+
+def test_latent_generator_rejects_bad_input_and_config():
+    cfg = LatentGenerator.Config.tiny()
+    model = LatentGenerator(cfg)
+    x, t, text, mask, z_sem = _latent_inputs(cfg)
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(2, cfg.in_channels, 4, 5, 6), t, text, mask, z_sem)
+    with pytest.raises(ValueError, match="sem_dim=4"):
+        model(x, t, text, mask, torch.randn(2, 2, 6, 3))
+    with pytest.raises(ValueError, match="in_channels=4"):
+        model(torch.randn(2, 3, 4, 4, 6), t, text, mask, z_sem)
+    with pytest.raises(ValueError, match="attention"):
+        LatentGenerator(dataclasses.replace(cfg, attention="local"))
+    with pytest.raises(ValueError, match="multiple of the temporal patch"):
+        LatentGenerator(dataclasses.replace(cfg, patch=(2, 2, 2), window=3))
+
+
+def test_default_configs_build_on_meta_device():
+    with torch.device("meta"):
+        sem = SemanticGenerator(SemanticGenerator.Config())
+        lat = LatentGenerator(LatentGenerator.Config(attention="swin"))
+        comp = SemanticCompressor(SemanticCompressor.Config())
+    assert len(sem.blocks) == 24 and len(lat.blocks) == 30
+    assert sum(p.numel() for p in lat.parameters()) > 1e9
+    assert comp.mlp[-1].out_features == 16

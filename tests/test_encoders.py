@@ -163,6 +163,7 @@ def test_factories_build_weight_free_encoders():
         (build_vae, {"temporal_factor": 4}, "unknown kind None"),
         (build_vae, {"kind": "pixel", "tempral_factor": 4}, "unknown key\\(s\\) \\['tempral_factor'\\]"),
         (build_text_encoder, {"kind": "hf"}, "needs key\\(s\\) \\['path'\\]"),
+        (build_semantic_encoder, {"kind": "qwen"}, "needs key\\(s\\) \\['path'\\]"),
         (build_text_encoder, {"kind": "hash", "width": 3}, "'width'"),
         (build_text_encoder, {"kind": "t5"}, "unknown kind 't5'"),
     ],

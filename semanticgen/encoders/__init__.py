@@ -15,7 +15,7 @@ from .pixel import PixelSemanticEncoder, PixelVAE
 from .protocols import SemanticEncoder, TextEncoder, VideoVAE, check_video
 from .text import HashTextEncoder, HFTextEncoder
 
-_LAZY = {}
+_LAZY = {"QwenVisionEncoder": ".qwen_vision"}
 
 __all__ = [
     "SemanticEncoder",

@@ -2,6 +2,8 @@
 
 Convention (shared with :mod:`semanticgen.ops`): ``z_t = (1 - t) z0 + t eps``, velocity target
 ``u = eps - z0``; sampling integrates from ``t = 1`` (noise) to ``t = 0`` (data) with ``z <- z + (t_next - t) v``.
+The elementwise work (noising, loss, Euler and CFG steps) runs through the fused kernels of
+:mod:`semanticgen.ops.flow`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
+
+from semanticgen.ops import flow as flow_ops
 
 __all__ = [
     "time_shift",
@@ -27,8 +31,13 @@ Scalar = float | torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Elementwise kernels. TODO(flow-ops): switch to semanticgen.ops.flow once it lands; these are the plain torch
-# expressions of the same maths, one private function each.
+# Elementwise maths through the fused ops of semanticgen.ops.flow (one pass over memory, no temporaries).
+# Those kernels take float32/bfloat16/float16; float64 (used for exactness checks) runs the same expression in
+# plain torch.
+def _fused(x: torch.Tensor) -> bool:
+    return x.dtype in flow_ops.SUPPORTED_DTYPES
+
+
 def _per_batch(value: Scalar, like: torch.Tensor) -> Scalar:
     """A float, 0-d tensor or ``[B]`` tensor, shaped to broadcast against ``like [B, ...]``."""
     if isinstance(value, torch.Tensor) and value.dim() == 1:
@@ -36,30 +45,41 @@ def _per_batch(value: Scalar, like: torch.Tensor) -> Scalar:
     return value
 
 
-def _euler_step(z: torch.Tensor, v: torch.Tensor, dt: Scalar, out: torch.Tensor | None = None) -> torch.Tensor:
-    # TODO(flow-ops): semanticgen.ops.flow.euler_step(z, v, dt, out=out)
-    result = z + _per_batch(dt, z) * v
-    return result if out is None else out.copy_(result)
+def _unaliased(v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``v`` in ``z``'s dtype, copied if it shares memory with ``z`` (which the in-place step overwrites)."""
+    v = v.to(z.dtype)
+    if v.device == z.device and v.untyped_storage().data_ptr() == z.untyped_storage().data_ptr():
+        v = v.clone()
+    return v
 
 
-def _cfg_euler_step(
-    z: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: Scalar, dt: Scalar, out: torch.Tensor
+def _euler_step_(z: torch.Tensor, v: torch.Tensor, dt: Scalar) -> torch.Tensor:
+    """``z += dt * v`` in place."""
+    if _fused(z):
+        return flow_ops.euler_step_(z, v, dt)
+    return z.add_(_per_batch(dt, z) * v)
+
+
+def _cfg_euler_step_(
+    z: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: Scalar, dt: Scalar
 ) -> torch.Tensor:
-    # TODO(flow-ops): semanticgen.ops.flow.cfg_euler_step(z, v_cond, v_uncond, guidance, dt, out=out)
-    v = v_uncond + _per_batch(guidance, z) * (v_cond - v_uncond)
-    return out.copy_(z + _per_batch(dt, z) * v)
+    """``z += dt * (v_uncond + guidance * (v_cond - v_uncond))`` in place."""
+    if _fused(z):
+        return flow_ops.cfg_euler_step(z, v_cond, v_uncond, guidance, dt, out=z)
+    return z.add_(_per_batch(dt, z) * (v_uncond + _per_batch(guidance, z) * (v_cond - v_uncond)))
 
 
 def _flow_noising(z0: torch.Tensor, eps: torch.Tensor, t: Scalar) -> tuple[torch.Tensor, torch.Tensor]:
-    # TODO(flow-ops): semanticgen.ops.flow.flow_noising(z0, eps, t)
+    if _fused(z0):
+        return flow_ops.flow_noising(z0, eps, t)
     tb = _per_batch(t, z0)
     return (1 - tb) * z0 + tb * eps, eps - z0
 
 
 def _flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    # TODO(flow-ops): semanticgen.ops.flow.flow_matching_loss(v_pred, z0, eps)
-    acc = torch.promote_types(v_pred.dtype, torch.float32)
-    return (v_pred.to(acc) - (eps.to(acc) - z0.to(acc))).square().mean()
+    if _fused(v_pred):
+        return flow_ops.flow_matching_loss(v_pred, z0, eps)
+    return (v_pred - (eps - z0)).square().mean()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -143,7 +163,7 @@ def flow_noising(z0: torch.Tensor, eps: torch.Tensor, t: Scalar) -> tuple[torch.
 
 
 def flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Conditional flow-matching loss ``mean((v_pred - (eps - z0))^2)`` as a 0-d float32 tensor."""
+    """Conditional flow-matching loss ``mean((v_pred - (eps - z0))^2)``, a 0-d float32 tensor (float64 for float64)."""
     if not (v_pred.shape == z0.shape == eps.shape):
         raise ValueError(
             f"flow_matching_loss: v_pred {tuple(v_pred.shape)}, z0 {tuple(z0.shape)} and eps {tuple(eps.shape)} "
@@ -239,20 +259,18 @@ def euler_sample(
     if guided and uncond_fn is None:
         raise ValueError("euler_sample: guidance != 1 needs uncond_fn (the unconditional velocity)")
     if isinstance(guidance, torch.Tensor):
-        guidance = guidance.to(device=z.device, dtype=torch.float32)
+        guidance = guidance.to(device=z.device, dtype=torch.float32)  # once, before the loop
 
     times = sampling_schedule(steps, shift=shift, device=z.device)
-    dts = times[1:] - times[:-1]  # negative: integrating towards t = 0
+    dts = times[1:] - times[:-1]  # negative: integrating towards t = 0; dts[i] is read on the device
     t_rows = times[:, None].expand(steps + 1, batch).contiguous()  # row i is the [B] time of step i
-    spare = torch.empty_like(z) if guided else None
 
     for i in tqdm(range(steps), desc="sampling", disable=not progress, leave=False):
         t = t_rows[i]
-        v_cond = velocity_fn(z, t)
+        # A model run under autocast may return a lower-precision velocity; the state stays in z's dtype.
+        v_cond = _unaliased(velocity_fn(z, t), z)
         if guided:
-            v_uncond = uncond_fn(z, t)
-            spare = _cfg_euler_step(z, v_cond, v_uncond, guidance, dts[i], out=spare)
-            z, spare = spare, z  # ping-pong buffers: the fused op never reads and writes the same memory
+            _cfg_euler_step_(z, v_cond, _unaliased(uncond_fn(z, t), z), guidance, dts[i])
         else:
-            z = _euler_step(z, v_cond, dts[i], out=z)
+            _euler_step_(z, v_cond, dts[i])
     return z

@@ -1,0 +1,84 @@
+"""FSDP2 training of both SemanticGen stages under ``torchrun``.
+
+Usage::
+
+    python -m semanticgen.train CONFIG [--run-dir DIR] [--steps N] [--save-every N] [--resume [PATH]] [--set k=v ...]
+    torchrun --standalone --nproc_per_node=2 -m semanticgen.train configs/tiny.toml --run-dir runs/tiny
+    python -m semanticgen.train export RUN_DIR [--out FILE]          # consolidated safetensors for inference
+    python -m semanticgen.train preencode CONFIG --out DIR [...]     # cache encoder outputs as shards
+
+Multi-node: plain ``torchrun`` rendezvous (``--nnodes``, ``--rdzv_backend=c10d``, ``--rdzv_endpoint=HOST:PORT``) on
+every node; nothing else is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+__all__ = ["main", "build_parser"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m semanticgen.train",
+        description="Train SemanticGen stages with FSDP2 (launch with torchrun for several processes). "
+        "Subcommands: 'export RUN_DIR [--out FILE]', 'preencode CONFIG --out DIR'.",
+    )
+    p.add_argument("config", help="training config file (.toml, .yaml)")
+    p.add_argument("--run-dir", default=None, help="checkpoints and metrics.jsonl go here (default: config run_dir)")
+    p.add_argument("--steps", type=int, default=None, help="stop after global step N (a checkpoint is saved there)")
+    p.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (checkpoint.save_every)")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="resume from the newest complete checkpoint of the run dir, or from PATH",
+    )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m semanticgen.train`` and ``semanticgen train``; returns the exit code."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "export":
+        from .export import main as export_main
+
+        return export_main(argv[1:])
+    if argv and argv[0] == "preencode":
+        from semanticgen.data.preencode import main as preencode_main
+
+        return preencode_main(argv[1:])
+
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s"
+    )
+    from .config import load_config
+
+    overrides = list(args.set)
+    if args.save_every is not None:
+        overrides.append(f"checkpoint.save_every={args.save_every}")
+    if args.no_progress:
+        overrides.append("log.progress=false")
+    cfg = load_config(args.config, overrides)
+    if args.run_dir is not None:
+        cfg.run_dir = args.run_dir
+    if args.steps is not None and args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+
+    from .distributed import shutdown_distributed
+    from .loop import train
+
+    try:
+        return train(cfg, run_dir=cfg.run_dir, stop_step=args.steps, resume=args.resume)
+    finally:
+        shutdown_distributed()

@@ -1,0 +1,3 @@
+from semanticgen.train import main
+
+raise SystemExit(main())

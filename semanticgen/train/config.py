@@ -1,0 +1,274 @@
+"""Typed training configuration loaded from TOML or YAML.
+
+A config file maps onto :class:`TrainConfig`; every table is a dataclass and every unknown key is an error that names
+the key (``ValueError: unknown config key 'optim.lrr'``). Command-line overrides ``--set key=value`` use dotted keys
+and TOML value syntax (``--set optim.lr=3e-4 --set stage='"latent"'``; bare words are taken as strings).
+
+Model tables (``[model.latent_generator]`` etc.) are passed as keyword arguments to that model's nested ``Config``
+dataclass, and encoder tables (``[encoders.vae]`` etc.) to ``semanticgen.encoders.build_*``; both are checked by
+those constructors when the model is built.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on Python 3.10
+    import tomli as tomllib
+
+STAGES = ("latent", "semantic", "both")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine (or constant) decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine" | "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping (the norm is still logged)
+    grad_accum: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class StageConfig:
+    """Settings of one training stage.
+
+    ``steps`` counts optimizer steps of this stage. For ``stage = "both"`` the global step runs through the latent
+    stage (steps 1..latent.steps) and then the semantic stage.
+    """
+
+    steps: int = 100
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    timestep_kind: str = "logit_normal"  # passed to rectified_flow.sample_timesteps
+    timestep_shift: float = 1.0
+    text_dropout: float = 0.1  # probability of an empty caption per sample (classifier-free guidance)
+    kl_weight: float = 1e-3  # latent stage: weight of the compressor KL term
+    sem_noise_level: float = (
+        0.1  # latent stage: noise mixed into z_sem during training (the paper adds it at inference)
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where training clips come from and how they are shaped.
+
+    ``kind``: ``"synthetic"`` (procedural moving shapes), ``"video_folder"`` (videos + captions under ``path``) or
+    ``"shards"`` (pre-encoded safetensors shards under ``path``, see ``python -m semanticgen.data.preencode``).
+    ``micro_batch_size`` is per rank: the global batch of one optimizer step is
+    ``micro_batch_size * world_size * grad_accum``.
+    """
+
+    kind: str = "synthetic"
+    path: str = ""
+    captions: str = ""  # video_folder: optional .jsonl with {"video": relative path, "caption": text} per line
+    num_samples: int = 256  # synthetic: dataset length
+    height: int = 32
+    width: int = 32
+    vae_frames: int = 17  # frames of the 24 fps stream fed to the VAE
+    vae_fps: float = 24.0
+    sem_fps: float = 1.6
+    sem_frames: int = 2  # frames of the 1.6 fps stream fed to the semantic encoder
+    micro_batch_size: int = 2
+    num_workers: int = 0
+
+
+@dataclass
+class ParallelConfig:
+    """FSDP2 settings. ``mixed_precision``: ``"auto"`` is bf16 params / fp32 reduce on CUDA and fp32 on CPU."""
+
+    mixed_precision: str = "auto"  # "auto" | "bf16" | "fp32"
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 100  # steps; the last step of every stage is always saved
+    keep_last: int = 3
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True  # progress bar on rank 0
+    every: int = 1  # write metrics.jsonl every N steps
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; see ``configs/tiny.toml`` for a complete example."""
+
+    stage: str = "both"
+    seed: int = 0
+    run_dir: str = "runs/default"
+    model: dict[str, dict[str, Any]] = field(default_factory=dict)  # latent_generator / semantic_generator / compressor
+    encoders: dict[str, dict[str, Any]] = field(default_factory=dict)  # vae / semantic / text
+    data: DataConfig = field(default_factory=DataConfig)
+    latent: StageConfig = field(default_factory=StageConfig)
+    semantic: StageConfig = field(default_factory=StageConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting that cannot work."""
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.data.kind not in ("synthetic", "video_folder", "shards"):
+            raise ValueError(f"data.kind must be 'synthetic', 'video_folder' or 'shards', got {self.data.kind!r}")
+        if self.data.kind != "synthetic" and not self.data.path:
+            raise ValueError(f"data.path is required for data.kind={self.data.kind!r}")
+        if self.data.micro_batch_size < 1:
+            raise ValueError(f"data.micro_batch_size must be >= 1, got {self.data.micro_batch_size}")
+        if self.parallel.mixed_precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(
+                f"parallel.mixed_precision must be 'auto', 'bf16' or 'fp32', got {self.parallel.mixed_precision!r}"
+            )
+        for name in ("latent", "semantic"):
+            stage: StageConfig = getattr(self, name)
+            if stage.steps < 0:
+                raise ValueError(f"{name}.steps must be >= 0, got {stage.steps}")
+            if stage.optim.grad_accum < 1:
+                raise ValueError(f"{name}.optim.grad_accum must be >= 1, got {stage.optim.grad_accum}")
+            if stage.optim.schedule not in ("cosine", "constant"):
+                raise ValueError(f"{name}.optim.schedule must be 'cosine' or 'constant', got {stage.optim.schedule!r}")
+            if not 0.0 <= stage.text_dropout < 1.0:
+                raise ValueError(f"{name}.text_dropout must be in [0, 1), got {stage.text_dropout}")
+        if self.checkpoint.keep_last < 1:
+            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+        if self.checkpoint.save_every < 1:
+            raise ValueError(f"checkpoint.save_every must be >= 1, got {self.checkpoint.save_every}")
+        unknown = set(self.model) - {"latent_generator", "semantic_generator", "compressor"}
+        if unknown:
+            raise ValueError(f"unknown config key 'model.{sorted(unknown)[0]}'")
+        unknown = set(self.encoders) - {"vae", "semantic", "text"}
+        if unknown:
+            raise ValueError(f"unknown config key 'encoders.{sorted(unknown)[0]}'")
+
+    def stage_list(self) -> list[str]:
+        """The stages this run trains, in order."""
+        return ["latent", "semantic"] if self.stage == "both" else [self.stage]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats, lists for tuples)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' must be a table, got {type(value).__name__}")
+        return _from_dict(tp, value, key + ".")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"config key '{key}' must be a string, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config key '{key}' must be a table, got {type(value).__name__}")
+        return copy.deepcopy(value)
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(
+                f"unknown config key '{prefix}{key}' (known keys of [{prefix.rstrip('.') or 'top level'}]: "
+                f"{', '.join(sorted(names))})"
+            )
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in data.items()})
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` -> ``(["optim", "lr"], 3e-4)``; the value uses TOML syntax, a bare word is a string."""
+    if "=" not in text:
+        raise ValueError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"--set expects a dotted key before '=', got {text!r}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of the raw config dict with each ``key=value`` override applied."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {text!r}: '{part}' is not a table")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Raw dict from a ``.toml``, ``.yaml`` or ``.yml`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.suffix == ".toml":
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        return data
+    raise ValueError(f"config file must end in .toml, .yaml or .yml, got {path.name!r}")
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Build and validate a :class:`TrainConfig` from a raw dict."""
+    cfg = _from_dict(TrainConfig, data)
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``path`` (TOML or YAML), apply ``--set`` overrides, check and return the config."""
+    return config_from_dict(apply_overrides(read_config_file(path), overrides or []))

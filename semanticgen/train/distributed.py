@@ -1,0 +1,88 @@
+"""Process-group setup for ``torchrun`` (multi-process, multi-node) and plain ``python`` (one process).
+
+Multi-node runs use ``torchrun``'s own rendezvous, e.g. on each of 2 nodes with 8 GPUs::
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 \
+        -m semanticgen.train configs/my.toml --run-dir /shared/run1
+
+NCCL is used when CUDA is available, gloo otherwise (CPU training).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the default process group and a 1-D data-parallel device mesh over all ranks.
+
+    Under ``torchrun`` the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...) says where to
+    connect; without it a single-rank group is made in-process so the same FSDP code path runs.
+    """
+    use_cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if use_cuda:
+                torch.cuda.set_device(local_rank)
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        else:
+            if use_cuda:
+                torch.cuda.set_device(0)
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Send a picklable object from ``src`` to every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average a dict of per-rank scalars over all ranks (same keys on every rank)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))

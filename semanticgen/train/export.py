@@ -1,0 +1,138 @@
+"""Consolidated safetensors exports of trained weights, for inference.
+
+``python -m semanticgen.train export RUN_DIR [--out FILE]`` writes ``FILE`` (default ``RUN_DIR/model.safetensors``)
+holding ``latent_generator.*``, ``semantic_generator.*`` and ``compressor.*`` in float32, unsharded, plus metadata
+key ``semanticgen``: JSON with the training config, each model's ``Config``, the sample shapes and the steps.
+
+Sources, per stage: the stage's end-of-stage export ``RUN_DIR/<stage>.safetensors`` if the stage finished, else
+its newest complete checkpoint. Checkpoints are read with DCP, so a checkpoint saved by any number of ranks
+consolidates in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from .checkpoint import list_checkpoints
+
+META_KEY = "semanticgen"
+STAGE_MODULES = {"latent": ("latent_generator", "compressor"), "semantic": ("semantic_generator", "compressor")}
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded float32 CPU state dict of a (possibly FSDP2-sharded) module; a collective, call on every rank.
+    Only rank 0 gets the tensors (others get an empty dict)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        sd = get_model_state_dict(module, options=opts)
+        if dist.get_rank() != 0:
+            return {}
+    else:
+        sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> Path:
+    """Write atomically (temporary file + rename) with ``meta`` as JSON under the ``semanticgen`` metadata key."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={META_KEY: json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` of an export written by :func:`write_safetensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"export file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(META_KEY)
+        if raw is None:
+            raise ValueError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    return tensors, json.loads(raw)
+
+
+def model_configs(models: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(m.config) for name, m in models.items()}
+
+
+def load_stage_checkpoint_weights(ckpt_path: str | Path, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Read the named plain (unsharded) modules' weights from a DCP training checkpoint, in this one process.
+
+    DCP flattens the saved ``{"train": {"model": {fqn: tensor}}}`` to ``train.model.<fqn>``; asking for just those
+    keys loads them whatever the number of ranks that saved them.
+    """
+    sd = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
+    state = {"train": {"model": sd}}
+    dcp.load(state, checkpoint_id=str(ckpt_path), no_dist=True)
+    return {k: v.detach().float().cpu() for k, v in state["train"]["model"].items()}
+
+
+def collect_run_weights(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Weights and metadata of all models trained in ``run_dir`` (see module docstring for the sources)."""
+    from .inference import models_from_meta
+
+    run_dir = Path(run_dir)
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"stages": {}}
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    for stage, names in STAGE_MODULES.items():
+        stage_file = run_dir / f"{stage}.safetensors"
+        ckpts = [c for c in checkpoints if c.meta.get("stage") == stage]
+        if stage_file.is_file():
+            t, m = read_export(stage_file)
+        elif ckpts:
+            m = dict(ckpts[-1].meta)
+            models = models_from_meta(m)
+            t = load_stage_checkpoint_weights(ckpts[-1].path, {n: models[n] for n in names})
+        else:
+            continue
+        # The semantic stage trains with the compressor frozen, so both stages hold the same compressor; the
+        # semantic stage's copy is the one its generator was trained against.
+        tensors.update(t)
+        meta["stages"][stage] = {
+            "step": m.get("step"),
+            "source": str(stage_file if stage_file.is_file() else ckpts[-1].path),
+        }
+        for key in ("config", "model_configs", "shapes"):
+            if key in m:
+                if isinstance(m[key], dict) and isinstance(meta.get(key), dict):
+                    meta[key] = {**meta[key], **m[key]}
+                else:
+                    meta[key] = m[key]
+    if not meta["stages"]:
+        raise FileNotFoundError(f"{run_dir}: no stage export (<stage>.safetensors) and no complete checkpoint")
+    return tensors, meta
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the consolidated export of ``run_dir`` and return its path."""
+    tensors, meta = collect_run_weights(run_dir)
+    return write_safetensors(tensors, meta, out or Path(run_dir) / "model.safetensors")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m semanticgen.train export", description="Consolidate a run's weights.")
+    p.add_argument("run_dir", help="training run directory")
+    p.add_argument("--out", default=None, help="output .safetensors (default RUN_DIR/model.safetensors)")
+    args = p.parse_args(argv)
+    path = export_run(args.run_dir, args.out)
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,91 @@
+"""Build models and the two-stage generation pipeline from a training run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator
+
+MODEL_CLASSES = {
+    "compressor": SemanticCompressor,
+    "semantic_generator": SemanticGenerator,
+    "latent_generator": LatentGenerator,
+}
+
+
+def models_from_meta(meta: dict[str, Any]) -> dict[str, nn.Module]:
+    """Unsharded, randomly initialised models from the ``model_configs`` of a checkpoint or export's metadata."""
+    configs = meta.get("model_configs")
+    if not configs:
+        raise ValueError("metadata has no 'model_configs': not written by semanticgen.train")
+    out = {}
+    for name, values in configs.items():
+        cls = MODEL_CLASSES[name]
+        out[name] = cls(cls.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
+    return out
+
+
+def load_run_models(run_dir: str | Path) -> tuple[dict[str, nn.Module], dict[str, Any]]:
+    """Trained models of a run (``RUN_DIR/model.safetensors`` if present, else consolidated from the stage exports
+    and newest checkpoints), in eval mode, and the export metadata."""
+    from .export import collect_run_weights, read_export
+
+    path = Path(run_dir)
+    if path.is_file():
+        tensors, meta = read_export(path)
+    elif (path / "model.safetensors").is_file():
+        tensors, meta = read_export(path / "model.safetensors")
+    else:
+        tensors, meta = collect_run_weights(path)
+    models = models_from_meta(meta)
+    for name, model in models.items():
+        prefix = name + "."
+        sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        model.load_state_dict(sd)
+        model.eval().requires_grad_(False)
+    return models, meta
+
+
+def build_pipeline_from_run(
+    run_dir: str | Path, *, device: torch.device | str | None = None, noise_level: float | None = None
+):
+    """A :class:`~semanticgen.pipeline.SemanticGenPipeline` from a run directory (or its ``model.safetensors``).
+
+    Needs both stages trained (``stage = "both"``, or ``latent`` then ``semantic`` into the same run directory).
+    The VAE and text encoder are rebuilt from the run's ``[encoders]`` config; ``noise_level`` defaults to the latent
+    stage's ``sem_noise_level`` (the augmentation the latent generator was trained with).
+    """
+    from semanticgen.encoders import build_text_encoder, build_vae
+    from semanticgen.pipeline import SemanticGenPipeline
+
+    models, meta = load_run_models(run_dir)
+    missing = [n for n in ("semantic_generator", "latent_generator") if n not in models]
+    if missing:
+        raise ValueError(f"{run_dir}: the run has no trained {' or '.join(missing)}; train both stages first")
+    cfg = meta["config"]
+    shapes = meta.get("shapes") or {}
+    if "latents" not in shapes or "semantic" not in shapes:
+        raise ValueError(f"{run_dir}: export metadata lacks sample shapes")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    vae = build_vae(cfg["encoders"]["vae"])
+    text = build_text_encoder(cfg["encoders"]["text"])
+    for enc in (vae, text):
+        if isinstance(enc, nn.Module):
+            enc.to(device)
+    if noise_level is None:
+        noise_level = float(cfg["latent"]["sem_noise_level"])
+    return SemanticGenPipeline(
+        models["semantic_generator"].to(device),
+        models["latent_generator"].to(device),
+        text,
+        vae,
+        sem_shape=tuple(shapes["semantic"]),
+        latent_shape=tuple(shapes["latents"]),
+        noise_level=noise_level,
+    )

@@ -1,0 +1,285 @@
+"""The training run: both stages in order, each an FSDP2-sharded loop with checkpoints, metrics and resume.
+
+Global steps run through the stages: with ``stage = "both"`` the latent stage takes steps ``1..latent.steps`` and
+the semantic stage ``latent.steps + 1 .. latent.steps + semantic.steps``. At the end of a stage its weights are
+exported to ``RUN_DIR/<stage>.safetensors`` (the semantic stage reads its frozen compressor from there), and at the
+end of the run the consolidated ``RUN_DIR/model.safetensors`` is written for ``semanticgen generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
+
+from .checkpoint import CheckpointInfo, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, init_distributed
+from .export import STAGE_MODULES, export_run, full_state_dict, model_configs, read_export, write_safetensors
+from .metrics import MetricsWriter, Progress, peak_memory_mb
+from .optim import build_optimizer, build_scheduler, clip_grad_norm
+from .sharding import set_gradient_sync, shard_model
+from .stages import DataWidths, build_models, build_stage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StageSpan:
+    """Global steps ``(begin, end]`` of one stage."""
+
+    name: str
+    begin: int
+    end: int
+
+
+def stage_spans(cfg: TrainConfig) -> list[StageSpan]:
+    spans, step = [], 0
+    for name in cfg.stage_list():
+        steps = getattr(cfg, name).steps
+        spans.append(StageSpan(name, step, step + steps))
+        step += steps
+    return spans
+
+
+@dataclass
+class RunContext:
+    cfg: TrainConfig
+    run_dir: Path
+    info: DistInfo
+    encoders: Encoders | None
+    dataset: Any
+    widths: DataWidths
+    null_text: tuple[torch.Tensor, torch.Tensor]
+    metrics: MetricsWriter
+    stop_step: int
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+
+def _prepare(ctx: RunContext, batch: dict[str, Any]) -> dict[str, Any]:
+    """Encode a raw batch on this rank (or move a pre-encoded one to the device)."""
+    if "latents" in batch:
+        out = {
+            k: (v.to(ctx.info.device) if isinstance(v, torch.Tensor) and k != "sample_id" else v)
+            for k, v in batch.items()
+        }
+        out["text_mask"] = out["text_mask"].bool()
+        return out
+    return ctx.encoders.encode_batch(batch, ctx.info.device)
+
+
+def _load_compressor_from_latent_stage(ctx: RunContext, compressor: nn.Module) -> str:
+    """The semantic stage's frozen compressor: from ``RUN_DIR/latent.safetensors``."""
+    path = ctx.run_dir / "latent.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the semantic stage needs the trained compressor from the latent stage: {path} not found "
+            "(train with stage = 'both', or train stage 'latent' into this run directory first)"
+        )
+    tensors, _ = read_export(path)
+    sd = {k[len("compressor.") :]: v for k, v in tensors.items() if k.startswith("compressor.")}
+    compressor.load_state_dict(sd)
+    return str(path)
+
+
+def _stage_meta(ctx: RunContext, span: StageSpan, models: dict[str, nn.Module], shapes: dict | None) -> dict[str, Any]:
+    return {
+        "stage": span.name,
+        "config": ctx.cfg.to_dict(),
+        "model_configs": model_configs({n: models[n] for n in STAGE_MODULES[span.name]}),
+        "shapes": shapes or {},
+    }
+
+
+def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -> bool:
+    """Train one stage from ``resume`` (a checkpoint of this stage) or from scratch; True if it reached its end."""
+    cfg, info = ctx.cfg, ctx.info
+    stage_cfg = getattr(cfg, span.name)
+    # Same seed on every rank: each rank keeps its shard of one common initialisation (as 1 rank would).
+    torch.manual_seed(cfg.seed)
+    models = build_models(cfg.model, ctx.widths)
+    if span.name == "semantic":
+        _load_compressor_from_latent_stage(ctx, models["compressor"])
+    stage = build_stage(span.name, models, stage_cfg, cfg.seed, ctx.null_text)
+    shard_model(stage, info.mesh, cfg.parallel, info.device)
+    torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # per-rank stream for anything a model draws itself
+    params = [p for p in stage.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, stage_cfg.optim)
+    scheduler = build_scheduler(optimizer, stage_cfg.steps, stage_cfg.optim)
+    counters = {"step": span.begin, "data_position": 0}
+    state = TrainState(stage, optimizer, scheduler, counters)
+    shapes = None
+    if resume is not None:
+        meta = load_checkpoint(resume.path, state)
+        shapes = meta.get("shapes") or None
+        if info.is_main:
+            logger.info("resumed %s stage from %s (step %d)", span.name, resume.path, counters["step"])
+    step = counters["step"]
+    end = min(span.end, ctx.stop_step)
+    accum = stage_cfg.optim.grad_accum
+    stream = MicroBatchStream(
+        ctx.dataset,
+        seed=cfg.seed + 17 * (span.name == "semantic"),
+        micro_batch_size=cfg.data.micro_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        position=counters["data_position"],
+        num_workers=cfg.data.num_workers,
+    )
+    progress = Progress(
+        info.is_main and cfg.log.progress,
+        total=span.end - span.begin,
+        initial=step - span.begin,
+        desc=f"{span.name} stage",
+    )
+    stage.train()
+    skipped_total = 0
+    while step < end:
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        tokens = 0.0
+        for micro in range(accum):
+            batch = _prepare(ctx, next(stream))
+            skipped_total += int(batch.get("skipped", 0))
+            if shapes is None:
+                shapes = _batch_shapes(batch, stage)
+            set_gradient_sync(stage, micro == accum - 1)
+            loss, parts = stage(batch)
+            (loss / accum).backward()
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
+            for k, v in parts.items():
+                if k == "tokens":
+                    tokens += float(v)
+                else:
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+        grad_norm = clip_grad_norm(params, stage_cfg.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        counters["step"], counters["data_position"] = step, stream.position
+        elapsed = time.perf_counter() - t0
+        means = all_reduce_mean({**sums, "tokens": tokens, "skipped": float(skipped_total)}, info.device)
+        world_tokens = means.pop("tokens") * info.world_size
+        skipped_videos = int(round(means.pop("skipped") * info.world_size))
+        record = {
+            "step": step,
+            "stage": span.name,
+            **means,
+            "skipped_videos": skipped_videos,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": world_tokens / elapsed,
+            "samples_per_s": cfg.data.micro_batch_size * accum * info.world_size / elapsed,
+            "step_time_s": elapsed,
+            "peak_memory_mb": peak_memory_mb(info.device),
+        }
+        if step % cfg.log.every == 0 or step == end:
+            ctx.metrics.write(record)
+        progress.update({"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}"})
+        if step % cfg.checkpoint.save_every == 0 or step == end:
+            save_checkpoint(
+                ctx.ckpt_root, step, state, _stage_meta(ctx, span, models, shapes), cfg.checkpoint.keep_last
+            )
+    progress.close()
+    finished = step >= span.end
+    if finished:
+        sd = full_state_dict(stage)
+        if info.is_main:
+            write_safetensors(
+                sd, dict(_stage_meta(ctx, span, models, shapes), step=step), ctx.run_dir / f"{span.name}.safetensors"
+            )
+        barrier()
+    del stage, optimizer, state
+    return finished
+
+
+def _batch_shapes(batch: dict[str, Any], stage: nn.Module) -> dict[str, list[int]]:
+    """Per-sample shapes the pipeline needs: latents ``[C, T, H, W]``, semantic tokens ``[Ts, Ss, dim]``."""
+    comp = stage.compressor
+    dim = comp.config.dim
+    ts, ss = batch["sem_features"].shape[1:3]
+    return {
+        "latents": list(batch["latents"].shape[1:]),
+        "semantic": [int(ts), int(ss), int(dim)],
+        "text": list(batch["text"].shape[1:]),
+    }
+
+
+def train(
+    cfg: TrainConfig, *, run_dir: str | Path, stop_step: int | None = None, resume: str | bool | None = None
+) -> int:
+    """Run the configured stages. ``resume``: ``True`` for the newest checkpoint in ``run_dir``, a path, or None."""
+    info = init_distributed()
+    run_dir = Path(run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    barrier()
+    spans = stage_spans(cfg)
+    total = spans[-1].end
+    stop = total if stop_step is None else min(stop_step, total)
+
+    resume_info: CheckpointInfo | None = None
+    if resume:
+        where = run_dir if resume is True else Path(resume)
+        try:
+            resume_info = resolve_checkpoint(where)
+        except FileNotFoundError:
+            if resume is not True:
+                raise
+            resume_info = None  # --resume on a fresh run directory starts from scratch
+        resume_info = broadcast_object(resume_info)
+
+    encoders = None
+    dataset = build_dataset(cfg.data, seed=cfg.seed)
+    if isinstance(dataset, ShardDataset):
+        widths = DataWidths.from_shapes(dataset.shapes)
+        null = dataset.null_text()
+        if null is None:
+            raise FileNotFoundError(f"{dataset.root}: null_text.safetensors missing; re-run preencode")
+    else:
+        encoders = Encoders.from_specs(cfg.encoders).to(info.device)
+        widths = DataWidths.from_encoders(encoders)
+        null = encoders.null_text(torch.device("cpu"))
+    null = (null[0].to(info.device), null[1].to(info.device))
+
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", info.is_main, resume_step=resume_info.step if resume_info else 0)
+    ctx = RunContext(cfg, run_dir, info, encoders, dataset, widths, null, metrics, stop)
+    t_start = time.perf_counter()
+    try:
+        for span in spans:
+            if stop <= span.begin:
+                break
+            stage_resume = None
+            if resume_info is not None:
+                r_stage, r_step = resume_info.meta.get("stage"), resume_info.step
+                if r_step >= span.end and r_stage != span.name:
+                    continue  # a later stage's checkpoint: this stage is done
+                if r_stage == span.name:
+                    stage_resume = resume_info
+                    if r_step >= span.end and (run_dir / f"{span.name}.safetensors").is_file():
+                        continue
+            finished = run_stage(ctx, span, stage_resume)
+            if not finished:
+                break
+        if stop >= total and info.is_main:
+            export_run(run_dir)
+        barrier()
+    finally:
+        metrics.close()
+    if info.is_main:
+        logger.info("training finished at step %d in %.1f s", stop, time.perf_counter() - t_start)
+    return 0

@@ -1,0 +1,222 @@
+"""The two SemanticGen training stages as modules whose ``forward(batch)`` returns the loss.
+
+Each stage is one ``nn.Module`` so FSDP2 shards it as a whole (per block, per sub-model, then this root) and DCP
+checkpoints it under stable names (``latent_generator.*``, ``semantic_generator.*``, ``compressor.*``).
+
+Randomness is per sample: the noise, timestep, text dropout and compressor sample of a sample depend only on
+``(seed, stage, sample_id)``, where ``sample_id`` is the sample's position in the data stream. So the losses do not
+depend on how the global batch is split over ranks, and a resumed run draws exactly what the straight run drew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator
+from semanticgen.rectified_flow import flow_matching_loss, flow_noising, sample_timesteps
+
+from .config import StageConfig
+
+STAGE_INDEX = {"latent": 1, "semantic": 2}
+_NOISE, _TIME, _DROP, _SEM_EPS, _SEM_AUG = range(5)
+
+
+def sample_generator(seed: int, stage: str, sample_id: int, purpose: int) -> torch.Generator:
+    """CPU generator seeded from ``(seed, stage, sample_id, purpose)``: independent streams per sample and use."""
+    key = ((seed * 1_000_003 + STAGE_INDEX[stage]) * 1_000_000_007 + int(sample_id)) * 8 + purpose
+    return torch.Generator().manual_seed(key % (2**63 - 1))
+
+
+def per_sample_randn(shape: tuple[int, ...], ids: torch.Tensor, seed: int, stage: str, purpose: int) -> torch.Tensor:
+    """``[B, *shape]`` standard normal, sample ``b`` drawn from its own generator (CPU, float32)."""
+    return torch.stack([torch.randn(shape, generator=sample_generator(seed, stage, int(i), purpose)) for i in ids])
+
+
+def per_sample_timesteps(ids: torch.Tensor, seed: int, stage: str, cfg: StageConfig) -> torch.Tensor:
+    return torch.cat(
+        [
+            sample_timesteps(
+                1,
+                kind=cfg.timestep_kind,
+                shift=cfg.timestep_shift,
+                generator=sample_generator(seed, stage, int(i), _TIME),
+            )
+            for i in ids
+        ]
+    )
+
+
+def per_sample_dropout(ids: torch.Tensor, seed: int, stage: str, p: float) -> torch.Tensor:
+    """``[B]`` bool: True where the caption is replaced by the empty prompt."""
+    if p <= 0:
+        return torch.zeros(len(ids), dtype=torch.bool)
+    return torch.cat([torch.rand(1, generator=sample_generator(seed, stage, int(i), _DROP)) < p for i in ids])
+
+
+def build_model_config(cls: type, table: dict[str, Any], derived: dict[str, Any], name: str):
+    """``cls.Config`` from a config table plus values implied by the encoders/other models.
+
+    A derived value (e.g. ``latent_generator.in_channels`` = the VAE's latent channels) fills a missing key and must
+    equal a given one; unknown keys are a ``ValueError`` naming ``model.<name>.<key>``.
+    """
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    kwargs: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key 'model.{name}.{key}' (known: {', '.join(sorted(fields))})")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    for key, value in derived.items():
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(
+                f"model.{name}.{key} = {kwargs[key]!r} does not match the value {value!r} the encoders/models imply"
+            )
+        kwargs[key] = value
+    return cls.Config(**kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataWidths:
+    """Channel widths the data fixes: semantic-encoder features, VAE latent channels, text embeddings."""
+
+    sem_features: int
+    latent_channels: int
+    text: int
+
+    @classmethod
+    def from_encoders(cls, encoders) -> DataWidths:
+        return cls(encoders.semantic.out_dim, encoders.vae.latent_channels, encoders.text.dim)
+
+    @classmethod
+    def from_shapes(cls, shapes: dict[str, list[int]]) -> DataWidths:
+        """From pre-encoded shard shapes (``latents [C, T, H, W]``, ``sem_features [Ts, Ss, d]``, ``text [L, D]``)."""
+        return cls(shapes["sem_features"][-1], shapes["latents"][0], shapes["text"][-1])
+
+
+def build_models(model_tables: dict[str, dict[str, Any]], widths: DataWidths) -> dict[str, nn.Module]:
+    """All three models, widths tied to the data: compressor.in_dim = semantic-encoder width, the generators'
+    dim/sem_dim = compressor.dim, text_dim = text-encoder width, in_channels = VAE latent channels."""
+    comp_cfg = build_model_config(
+        SemanticCompressor, model_tables.get("compressor", {}), {"in_dim": widths.sem_features}, "compressor"
+    )
+    sem_cfg = build_model_config(
+        SemanticGenerator,
+        model_tables.get("semantic_generator", {}),
+        {"dim": comp_cfg.dim, "text_dim": widths.text},
+        "semantic_generator",
+    )
+    lat_cfg = build_model_config(
+        LatentGenerator,
+        model_tables.get("latent_generator", {}),
+        {"in_channels": widths.latent_channels, "sem_dim": comp_cfg.dim, "text_dim": widths.text},
+        "latent_generator",
+    )
+    return {
+        "compressor": SemanticCompressor(comp_cfg),
+        "semantic_generator": SemanticGenerator(sem_cfg),
+        "latent_generator": LatentGenerator(lat_cfg),
+    }
+
+
+def build_stage(name: str, models: dict[str, nn.Module], cfg: StageConfig, seed: int, null_text) -> _Stage:
+    if name == "latent":
+        return LatentStage(models["latent_generator"], models["compressor"], cfg, seed, null_text)
+    if name == "semantic":
+        return SemanticStage(models["semantic_generator"], models["compressor"], cfg, seed, null_text)
+    raise ValueError(f"stage must be 'latent' or 'semantic', got {name!r}")
+
+
+class _Stage(nn.Module):
+    name: str
+
+    def __init__(self, cfg: StageConfig, seed: int, null_text: tuple[torch.Tensor, torch.Tensor]) -> None:
+        super().__init__()
+        self.cfg, self.seed = cfg, seed
+        self.register_buffer("null_text", null_text[0].float().clone(), persistent=False)
+        self.register_buffer("null_mask", null_text[1].bool().clone(), persistent=False)
+
+    def _text(self, batch: dict[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text embeddings with per-sample dropout to the empty prompt (for classifier-free guidance)."""
+        text, mask = batch["text"], batch["text_mask"]
+        drop = per_sample_dropout(ids, self.seed, self.name, self.cfg.text_dropout).to(text.device)
+        if drop.any():
+            length = text.shape[1]
+            if self.null_text.shape[0] != length:
+                raise ValueError(
+                    f"empty-prompt embedding has {self.null_text.shape[0]} tokens but the batch has {length}"
+                )
+            text = torch.where(drop[:, None, None], self.null_text.to(text.dtype), text)
+            mask = torch.where(drop[:, None], self.null_mask, mask)
+        return text, mask
+
+    def _noise_and_time(self, x0: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        eps = per_sample_randn(tuple(x0.shape[1:]), ids, self.seed, self.name, _NOISE).to(x0.device, x0.dtype)
+        t = per_sample_timesteps(ids, self.seed, self.name, self.cfg).to(x0.device)
+        return eps, t
+
+
+class LatentStage(_Stage):
+    """Stage 2 of the method, trained first: latent generator + semantic compressor, jointly.
+
+    ``loss = flow_matching(latent_generator(z_t, t, text, z_sem), latents) + kl_weight * KL(compressor)`` with
+    ``z_sem`` a reparameterised sample of the compressor, noise-augmented to a per-sample level in
+    ``[0, sem_noise_level]`` so the generator learns to work from the noisy generated tokens it gets at inference.
+    """
+
+    name = "latent"
+
+    def __init__(self, latent_generator, compressor, cfg: StageConfig, seed: int, null_text) -> None:
+        super().__init__(cfg, seed, null_text)
+        self.latent_generator, self.compressor = latent_generator, compressor
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = batch["sample_id"]
+        x0 = batch["latents"]  # [B, C, T, H, W]
+        comp = self.compressor(batch["sem_features"], sample=False)  # z = mean; the sample is drawn per sample below
+        sem_eps = per_sample_randn(tuple(comp.mean.shape[1:]), ids, self.seed, self.name, _SEM_EPS)
+        z_sem = comp.mean + torch.exp(0.5 * comp.logvar) * sem_eps.to(comp.mean.device, comp.mean.dtype)
+        if self.cfg.sem_noise_level > 0:
+            levels = torch.cat(
+                [torch.rand(1, generator=sample_generator(self.seed, self.name, int(i), _SEM_AUG)) for i in ids]
+            )
+            aug_eps = per_sample_randn(tuple(z_sem.shape[1:]), ids, self.seed, self.name, _SEM_AUG)
+            # The maths of rectified_flow.noise_augment, with each sample's eps from its own generator.
+            level = (levels * self.cfg.sem_noise_level).to(z_sem.device)
+            z_sem = flow_noising(z_sem, aug_eps.to(z_sem.device, z_sem.dtype), level)[0]
+        text, mask = self._text(batch, ids)
+        eps, t = self._noise_and_time(x0, ids)
+        x_t, _ = flow_noising(x0, eps, t)
+        v = self.latent_generator(x_t, t, text, mask, z_sem)
+        fm = flow_matching_loss(v, x0, eps)
+        kl = comp.kl.float()
+        loss = fm + self.cfg.kl_weight * kl
+        pt, ph, pw = self.latent_generator.config.patch
+        c, tv, hv, wv = x0.shape[1:]
+        tokens = x0.shape[0] * ((tv // pt) * (hv // ph) * (wv // pw) + z_sem.shape[1] * z_sem.shape[2])
+        return loss, {"flow_loss": fm.detach(), "kl": kl.detach(), "tokens": torch.tensor(float(tokens))}
+
+
+class SemanticStage(_Stage):
+    """Stage 1 of the method, trained second: the semantic generator learns to produce the (frozen) compressor's
+    posterior means of real videos from text. ``loss = flow_matching(semantic_generator(z_t, t, text), mean)``."""
+
+    name = "semantic"
+
+    def __init__(self, semantic_generator, compressor, cfg: StageConfig, seed: int, null_text) -> None:
+        super().__init__(cfg, seed, null_text)
+        self.semantic_generator, self.compressor = semantic_generator, compressor
+        self.compressor.requires_grad_(False)
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ids = batch["sample_id"]
+        with torch.no_grad():
+            x0 = self.compressor.encode_mean(batch["sem_features"]).float()  # [B, Ts, Ss, dim]
+        text, mask = self._text(batch, ids)
+        eps, t = self._noise_and_time(x0, ids)
+        x_t, _ = flow_noising(x0, eps, t)
+        v = self.semantic_generator(x_t, t, text, mask)
+        fm = flow_matching_loss(v, x0, eps)
+        return fm, {"flow_loss": fm.detach(), "tokens": torch.tensor(float(x0[..., 0].numel()))}

@@ -88,8 +88,8 @@ class KernelConfig:
         return triton.Config(self.kwargs, num_warps=self.num_warps, num_stages=self.num_stages)
 
     def label(self) -> str:
-        blocks = ",".join(f"{k}={v}" for k, v in self.blocks)
-        return f"{blocks},warps={self.num_warps},stages={self.num_stages}"
+        parts = [f"{k}={v}" for k, v in self.blocks] + [f"warps={self.num_warps}", f"stages={self.num_stages}"]
+        return ",".join(parts)
 
     def key(self) -> tuple:
         return (self.blocks, self.num_warps, self.num_stages)

@@ -48,10 +48,10 @@ DKDV_CONFIGS = ConfigTable(
     kernel="swin_attn_bwd_dkdv",
     tile_name="BLOCK_N",
     entries={
-        ("sm90", 64): (128, (_C(8, 2, BLOCK_M=64), _C(8, 3, BLOCK_M=32), _C(4, 2, BLOCK_M=32))),
-        ("sm90", 128): (128, (_C(8, 2, BLOCK_M=32), _C(8, 2, BLOCK_M=64), _C(8, 1, BLOCK_M=64))),
-        ("sm80", 64): (128, (_C(8, 2, BLOCK_M=32), _C(8, 2, BLOCK_M=64), _C(4, 2, BLOCK_M=32))),
-        ("sm80", 128): (64, (_C(4, 2, BLOCK_M=32), _C(8, 2, BLOCK_M=64), _C(4, 1, BLOCK_M=64))),
+        ("sm90", 64): (128, (_C(8, 2, BLOCK_M=64), _C(8, 3, BLOCK_M=32), _C(8, 1, BLOCK_M=64))),
+        ("sm90", 128): (128, (_C(8, 2, BLOCK_M=32), _C(8, 1, BLOCK_M=64), _C(8, 3, BLOCK_M=32))),
+        ("sm80", 64): (128, (_C(8, 2, BLOCK_M=32), _C(8, 3, BLOCK_M=32))),
+        ("sm80", 128): (64, (_C(8, 2, BLOCK_M=64), _C(8, 2, BLOCK_M=32), _C(8, 3, BLOCK_M=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_M=32),)),
     },
 )
@@ -62,8 +62,8 @@ DQ_CONFIGS = ConfigTable(
     entries={
         ("sm90", 64): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32), _C(4, 2, BLOCK_N=32))),
         ("sm90", 128): (128, (_C(8, 2, BLOCK_N=32), _C(8, 2, BLOCK_N=64), _C(8, 1, BLOCK_N=64))),
-        ("sm80", 64): (128, (_C(8, 2, BLOCK_N=32), _C(8, 2, BLOCK_N=64), _C(4, 2, BLOCK_N=32))),
-        ("sm80", 128): (64, (_C(4, 2, BLOCK_N=32), _C(8, 2, BLOCK_N=64), _C(4, 1, BLOCK_N=64))),
+        ("sm80", 64): (128, (_C(8, 2, BLOCK_N=32), _C(8, 3, BLOCK_N=32), _C(8, 1, BLOCK_N=64))),
+        ("sm80", 128): (64, (_C(4, 2, BLOCK_N=32), _C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32), _C(8, 3, BLOCK_N=64))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },
 )

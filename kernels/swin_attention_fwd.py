@@ -27,8 +27,8 @@ FWD_CONFIGS = ConfigTable(
     entries={
         ("sm90", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 3, BLOCK_N=64), _C(8, 4, BLOCK_N=128), _C(4, 4, BLOCK_N=32))),
         ("sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64), _C(8, 2, BLOCK_N=128), _C(4, 3, BLOCK_N=32))),
-        ("sm80", 64): (128, (_C(4, 3, BLOCK_N=64), _C(8, 3, BLOCK_N=64), _C(4, 4, BLOCK_N=32), _C(8, 2, BLOCK_N=128))),
-        ("sm80", 128): (128, (_C(8, 2, BLOCK_N=64), _C(4, 2, BLOCK_N=32), _C(8, 3, BLOCK_N=32))),
+        ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 4, BLOCK_N=32), _C(8, 2, BLOCK_N=128))),
+        ("sm80", 128): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },
 )
@@ -72,7 +72,7 @@ def swin_attn_fwd_kernel(
 ):
     """Program ``(tile, b * H + h)``.
 
-    Q, K, V, O: ``[B, N, H, D]`` (any strides); LSE: ``float32[B, H, N]`` contiguous, natural log;
+    Q, K, V, Out: ``[B, N, H, D]`` (any strides); LSE: ``float32[B, H, N]`` contiguous, natural log;
     PERM: ``int32[N]``; CU_SEQLENS: ``int32[W + 1]``; TILES: ``int32[num_tiles, 2]``.
     ``qk_scale`` is ``softmax_scale * log2(e)``.
     """

@@ -1,0 +1,1 @@
+"""Static resource reports (registers, spills, shared memory) of the compiled GPU kernels, built without a GPU."""

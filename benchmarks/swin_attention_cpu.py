@@ -1,0 +1,142 @@
+"""Interleaved shifted-window attention vs full attention on CPU.
+
+Baseline: ``torch.nn.functional.scaled_dot_product_attention`` over all ``N`` tokens, the attention a
+user would otherwise call. Reports milliseconds, effective GFLOP/s (in-window FLOPs only for the
+windowed op, ``N^2`` FLOPs for full attention), the speedup and the per-FLOP rate ratio, for
+forward and forward+backward, plus how time grows with sequence length at a fixed window.
+
+Run alone: ``python -m semanticgen.benchmarks.swin_attention_cpu [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from semanticgen.ops import WindowLayout, swin_attention
+
+from ._timing import NullProgress, measure_interleaved
+
+# The issue's reference case: 8,704 tokens in 8 windows.
+HEADS, HEAD_DIM = 8, 64
+SV, SS, TW = 256, 128, 4
+# Latent frames swept at a fixed window; Ts = Tv / 8 keeps the paper's ~1:16 semantic ratio per frame.
+SWEEP_TV = (8, 16, 32, 64)
+QUICK_TV = (8, 16)
+
+# FLOPs of a backward pass relative to the forward (flash-attn's convention: 2.5x).
+BWD_FLOP_FACTOR = 2.5
+
+
+def layout_for(tv: int) -> WindowLayout:
+    return WindowLayout(vae_frames=tv, vae_tokens_per_frame=SV, sem_frames=tv // 8, sem_tokens_per_frame=SS, window=TW)
+
+
+def _sdpa(q, k, v):
+    # [B, N, H, D] -> SDPA's [B, H, N, D] as views, the same memory the windowed op reads.
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _bench_case(tv: int, quick: bool, device: str, progress) -> list[dict]:
+    layout = layout_for(tv)
+    n = layout.num_tokens
+    q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, device=device, requires_grad=True) for _ in range(3))
+    grad = torch.randn_like(q)
+    # Average of both parities: models alternate them layer by layer.
+    win_flops = (
+        layout.attention_flops(HEAD_DIM, HEADS, shifted=False) + layout.attention_flops(HEAD_DIM, HEADS, shifted=True)
+    ) / 2
+    full_flops = layout.full_attention_flops(HEAD_DIM, HEADS)
+
+    def swin_fwd():
+        with torch.no_grad():
+            swin_attention(q, k, v, layout, shifted=False)
+            swin_attention(q, k, v, layout, shifted=True)
+
+    def swin_fwdbwd():
+        for shifted in (False, True):
+            out = swin_attention(q, k, v, layout, shifted=shifted)
+            torch.autograd.grad(out, (q, k, v), grad)
+
+    def full_fwd():
+        with torch.no_grad():
+            _sdpa(q, k, v)
+            _sdpa(q, k, v)
+
+    def full_fwdbwd():
+        for _ in range(2):
+            torch.autograd.grad(_sdpa(q, k, v), (q, k, v), grad)
+
+    repeats = 3 if quick else 5
+    rows = []
+    for pass_name, win_fn, full_fn, factor in (
+        ("fwd", swin_fwd, full_fwd, 1.0),
+        ("fwd+bwd", swin_fwdbwd, full_fwdbwd, 1.0 + BWD_FLOP_FACTOR),
+    ):
+        progress.advance(f"attention N={n} {pass_name}")
+        timed = measure_interleaved({"win": win_fn, "full": full_fn}, device=device, repeats=repeats)
+        # Each timed call runs two layers (both parities): halve to report per-call figures.
+        win_ms, full_ms = timed["win"]["ms"] / 2, timed["full"]["ms"] / 2
+        win_gflops = factor * win_flops / (win_ms * 1e-3) / 1e9
+        full_gflops = factor * full_flops / (full_ms * 1e-3) / 1e9
+        base = dict(
+            suite="attention",
+            device=device,
+            tokens=n,
+            windows=layout.num_windows(False),
+            heads=HEADS,
+            head_dim=HEAD_DIM,
+            dtype="float32",
+            **{"pass": pass_name},
+        )
+        rows.append(
+            {
+                **base,
+                "impl": "swin_attention",
+                "ms": win_ms,
+                "gflops": win_gflops,
+                "speedup_vs_full": full_ms / win_ms,
+                "flop_rate_vs_full": win_gflops / full_gflops,
+            }
+        )
+        rows.append(
+            {
+                **base,
+                "impl": "sdpa_full",
+                "ms": full_ms,
+                "gflops": full_gflops,
+                "speedup_vs_full": 1.0,
+                "flop_rate_vs_full": 1.0,
+            }
+        )
+    return rows
+
+
+def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
+    """Benchmark rows (one per implementation, pass and sequence length)."""
+    if not device.startswith("cpu"):
+        return []  # the GPU comparison lives in swin_attention_gpu
+    progress = progress or NullProgress()
+    rows = []
+    for tv in QUICK_TV if quick else SWEEP_TV:
+        rows += _bench_case(tv, quick, device, progress)
+    return rows
+
+
+def steps(quick: bool = False) -> int:
+    """How many progress steps :func:`run` reports."""
+    return 2 * len(QUICK_TV if quick else SWEEP_TV)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for row in run(quick=args.quick):
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,312 @@
+"""The ``semanticgen`` command line: info, bench, kernels, plan, train, generate.
+
+A user mistake (bad flag, missing file, invalid value) ends with one ``semanticgen: error: ...``
+line and a non-zero exit; tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; printed as one line."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------ info
+def cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    from semanticgen import __version__
+    from semanticgen._extension import built_cuda_archs, extension_error
+    from semanticgen.ops import available_backends
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    try:
+        import flash_attn
+
+        flash_version = flash_attn.__version__
+    except ImportError:
+        flash_version = "not installed (optional extra: pip install 'semanticgen[gpu]')"
+
+    info: dict = {
+        "semanticgen": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA build": torch.version.cuda or "no",
+        "triton": triton_version,
+        "flash-attn": flash_version,
+        "CUDA devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "extension semanticgen._C": "loaded" if extension_error() is None else f"MISSING: {extension_error()}",
+        "extension CUDA archs": ", ".join(built_cuda_archs()) or "none (built without CUDA)",
+    }
+    compiled_ops = {}
+    if extension_error() is None:
+        import torch._C as tc
+
+        for op in _compiled_op_names():
+            keys = [k for k in ("CPU", "CUDA") if tc._dispatch_has_kernel_for_dispatch_key(f"semanticgen::{op}", k)]
+            compiled_ops[op] = keys
+    backends = {
+        dev: {name: (reason or "available") for name, reason in available_backends(dev).items()}
+        for dev in ("cpu", "cuda")
+    }
+    if args.json:
+        print(json.dumps({**info, "compiled_ops": compiled_ops, "swin_attention_backends": backends}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title="semanticgen info", show_header=False)
+    for key, value in info.items():
+        table.add_row(key, escape(str(value)))
+    for op, keys in compiled_ops.items():
+        table.add_row(f"op {op}", ", ".join(keys) or "no kernel")
+    console.print(table)
+    btable = Table(title="swin_attention backends")
+    btable.add_column("backend")
+    btable.add_column("cpu tensors")
+    btable.add_column("cuda tensors")
+    for name in backends["cpu"]:
+        btable.add_row(name, backends["cpu"][name], backends["cuda"][name])
+    console.print(btable)
+    return 0
+
+
+def _compiled_op_names() -> list[str]:
+    """Operators declared by ``semanticgen._C`` (the ``TORCH_LIBRARY`` block)."""
+    import torch
+
+    names = []
+    for schema in torch._C._jit_get_all_schemas():
+        if schema.name.startswith("semanticgen::"):
+            name = schema.name.split("::", 1)[1]
+            if name != "build_info" and name not in names:
+                names.append(name)
+    return sorted(names)
+
+
+# ----------------------------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from semanticgen import bench
+
+    device = args.device or bench.best_device()
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available on this machine")
+    elif device != "cpu":
+        raise UserError(f"--device must be 'cpu' or 'cuda', got {device!r}")
+    suites = args.suite or list(bench.SUITES)
+    console = Console()
+    console.print(f"semanticgen bench on [bold]{device}[/bold] ({'quick' if args.quick else 'full'} run)")
+    results = bench.run_suites(suites, quick=args.quick, device=device, show_progress=not args.no_progress)
+    bench.print_tables(results, console)
+    paths = bench.write_results(results, bench.environment(device), Path(args.out))
+    for kind, path in paths.items():
+        console.print(f"wrote {kind}: {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- kernels
+def cmd_kernels(args: argparse.Namespace) -> int:
+    reports: list[dict] = []
+    notes: list[str] = []
+    for source, module_name, func_name in (
+        ("triton", "semanticgen.kernel_report.triton_report", "triton_kernel_reports"),
+        ("cuda", "semanticgen.kernel_report.cuda_report", "cuda_kernel_reports"),
+    ):
+        try:
+            module = __import__(module_name, fromlist=[func_name])
+        except ImportError as exc:
+            notes.append(f"{source} kernels: report unavailable ({exc})")
+            continue
+        reports += getattr(module, func_name)(args.arch)
+    if args.json:
+        print(json.dumps({"arch": args.arch, "kernels": reports, "notes": notes}, indent=2))
+        return 0 if reports else 1
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"compiled kernels for {args.arch}")
+    cols = (
+        "source",
+        "kernel",
+        "config",
+        "dtype",
+        "head_dim",
+        "registers",
+        "spill_store_bytes",
+        "spill_load_bytes",
+        "shared_bytes",
+    )
+    for col in cols:
+        table.add_column(col.replace("_bytes", " (B)"), justify="right" if col in cols[4:] else "left")
+    for rep in reports:
+        spills = (rep.get("spill_store_bytes") or 0) + (rep.get("spill_load_bytes") or 0)
+        style = "red" if spills else None
+        table.add_row(*("-" if rep.get(c) is None else str(rep.get(c)) for c in cols), style=style)
+    console.print(table)
+    for note in notes:
+        console.print(f"[yellow]{note}[/yellow]")
+    return 0 if reports else 1
+
+
+# ------------------------------------------------------------------------------------------ plan
+def cmd_plan(args: argparse.Namespace) -> int:
+    from semanticgen import planning
+
+    kwargs = {k: getattr(args, k) for k in ("fps", "window", "heads", "head_dim") if getattr(args, k) is not None}
+    result = planning.plan(args.seconds, args.height, args.width, **kwargs)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(planning.format_plan(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------- train, generate
+def cmd_train(args: argparse.Namespace) -> int:
+    from semanticgen.train import main as train_main
+
+    return int(train_main(args.train_args) or 0)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.checkpoint)
+    if not run_dir.exists():
+        raise UserError(f"--checkpoint: no such run directory or file: {run_dir}")
+    from semanticgen.train.inference import build_pipeline_from_run
+    from semanticgen.video import save_video
+
+    pipeline = build_pipeline_from_run(run_dir)
+    frames = pipeline([args.prompt], steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_video(frames[0], out, fps=args.fps)
+    print(f"wrote {out} ({frames.shape[1]} frames, {frames.shape[-1]}x{frames.shape[-2]}, {args.fps:g} fps)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="semanticgen",
+        description="Fast kernels, models and training for SemanticGen-style two-stage video generation.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("info", help="versions, compiled kernels and backends available on this machine")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_info)
+
+    from semanticgen.bench import SUITES
+
+    p = sub.add_parser(
+        "bench",
+        help="run the benchmark suite on the best device present",
+        description="Windowed vs full attention over a sweep of sequence lengths, the fused flow ops vs eager "
+        "and compiled torch, and one diffusion-transformer block. Writes results.json, results.csv and "
+        "attention_scaling.png to --out.",
+    )
+    p.add_argument("--quick", action="store_true", help="small sizes, finishes in about a minute")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--suite", action="append", choices=list(SUITES), help="run only these suites (repeatable)")
+    p.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "kernels",
+        help="compile every kernel ahead of time for a GPU arch and report registers, spills, shared memory",
+    )
+    p.add_argument("--arch", default="sm_90a", choices=["sm_80", "sm_90a"], help="target (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_kernels)
+
+    p = sub.add_parser("plan", help="token counts, windows and attention FLOPs of a long video (no weights needed)")
+    p.add_argument("--seconds", type=_positive_float, required=True)
+    p.add_argument("--height", type=_positive_int, required=True)
+    p.add_argument("--width", type=_positive_int, required=True)
+    p.add_argument("--fps", type=_positive_float, help="VAE-stream frame rate (default 24)")
+    p.add_argument("--window", type=_positive_int, help="window length Tw in latent frames")
+    p.add_argument("--heads", type=_positive_int, help="attention heads")
+    p.add_argument("--head-dim", dest="head_dim", type=_positive_int, help="head dimension")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "train",
+        help="train a stage (same arguments as python -m semanticgen.train)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate a video from a trained run directory")
+    p.add_argument("--checkpoint", required=True, help="run directory written by `semanticgen train`")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", default="demo.mp4", help="output mp4 (default: %(default)s)")
+    p.add_argument("--steps", type=_positive_int, default=20, help="Euler steps per stage (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=_positive_float, default=24.0)
+    p.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"semanticgen {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("semanticgen: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -112,14 +112,23 @@ class LatentGenerator(nn.Module):
         self._layouts: dict[tuple[int, int, int, int], WindowLayout] = {}
 
     def window_layout(self, vae_frames: int, vae_tokens: int, sem_frames: int, sem_tokens: int) -> WindowLayout:
-        """The (cached) :class:`WindowLayout` of a sequence shape; its index maps are reused across calls."""
-        key = (vae_frames, vae_tokens, sem_frames, sem_tokens)
-        layout = self._layouts.get(key)
+        """The (cached) :class:`WindowLayout` of a sequence shape; its index maps are reused across calls.
+
+        Under ``torch.compile`` a cached layout is a constant of the graph; building a new one (a shape not
+        seen in eager mode yet) happens outside the graph, so ``fullgraph=True`` needs one eager forward (or a
+        call to this method) per sequence shape first.
+        """
+        layout = self._layouts.get((vae_frames, vae_tokens, sem_frames, sem_tokens))
         if layout is None:
-            if len(self._layouts) >= 16:  # a training run sees a handful of shapes; bound it anyway
-                self._layouts.clear()
-            layout = WindowLayout(vae_frames, vae_tokens, sem_frames, sem_tokens, self.config.window // self.patch[0])
-            self._layouts[key] = layout
+            layout = self._build_layout(vae_frames, vae_tokens, sem_frames, sem_tokens)
+        return layout
+
+    @torch.compiler.disable
+    def _build_layout(self, vae_frames: int, vae_tokens: int, sem_frames: int, sem_tokens: int) -> WindowLayout:
+        if len(self._layouts) >= 16:  # a training run sees a handful of shapes; bound it anyway
+            self._layouts.clear()
+        layout = WindowLayout(vae_frames, vae_tokens, sem_frames, sem_tokens, self.config.window // self.patch[0])
+        self._layouts[(vae_frames, vae_tokens, sem_frames, sem_tokens)] = layout
         return layout
 
     @staticmethod

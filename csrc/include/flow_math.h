@@ -17,10 +17,9 @@
 #define SG_HOST_DEVICE inline
 #endif
 
+#include <cmath>
 #if defined(__CUDACC__)
 #include <cuda_runtime.h>
-#else
-#include <cmath>
 #endif
 
 #if !defined(__CUDACC__) && defined(SEMANTICGEN_FLOW_MATH_CPU_VEC)
@@ -32,7 +31,7 @@ namespace semanticgen::flow_math {
 
 // a * b + c with one rounding where the hardware has FMA (CUDA always, CPU with -mfma).
 SG_HOST_DEVICE float madd(float a, float b, float c) {
-#if defined(__CUDACC__)
+#if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);
 #else
   return std::fma(a, b, c);

@@ -58,8 +58,8 @@ MLP_RATIO = 4.0
 def block_flops(case: Case, attention: str) -> tuple[float, float]:
     """``(matmul FLOPs, self-attention FLOPs)`` of one block forward at batch 1 (both parities averaged)."""
     layout, c, n, length = case.layout, case.hidden, case.layout.num_tokens, TEXT_TOKENS
-    # qkv 3C^2, out 1, cross q 1, cross out 1, MLP 2 * ratio; text k/v 2C^2 per text token; adaLN 6C^2.
-    linear = 2 * n * c * c * (6 + 2 * MLP_RATIO) + 2 * length * c * 2 * c + 2 * c * 6 * c
+    # qkv 3C^2, out 1, cross q 1, cross out 1, MLP 2 * ratio; text k/v 2C^2 per text token.
+    linear = 2 * n * c * c * (6 + 2 * MLP_RATIO) + 2 * length * c * 2 * c
     cross = 4 * n * (length + 1) * c
     head_dim = c // case.heads
     if attention == "full":
@@ -87,13 +87,13 @@ def _bench_case(case: Case, quick: bool, device: str, dtype: torch.dtype, progre
     )
     cos, sin = rope_tables(positions, case.hidden // case.heads)
     x = torch.randn(1, n, case.hidden, device=device, dtype=dtype, requires_grad=True)
-    cond = torch.randn(1, case.hidden, device=device, dtype=dtype)
+    time_mod = torch.randn(1, 6, case.hidden, device=device, dtype=dtype)
     text = torch.randn(1, TEXT_TOKENS, case.hidden, device=device, dtype=dtype)
     mask = torch.ones(1, TEXT_TOKENS, dtype=torch.bool, device=device)
     grad = torch.randn_like(x)
 
     def forward(win: WindowLayout | None):
-        return [block(x, cond, text, mask, cos, sin, win, shifted) for shifted in (False, True)]
+        return [block(x, time_mod, text, mask, cos, sin, win, shifted) for shifted in (False, True)]
 
     def fwd(win):
         with torch.no_grad():

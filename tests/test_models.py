@@ -13,6 +13,7 @@ from semanticgen.models import (
     LatentGenerator,
     SemanticCompressor,
     SemanticGenerator,
+    TimestepModulation,
     apply_rope,
     gaussian_kl,
     grid_positions,
@@ -160,7 +161,11 @@ def test_fresh_block_is_identity():
     x = torch.randn(2, 10, 32)
     cos, sin = rope_tables(grid_positions(2, 1, 5), 16)
     text, mask = _text(2, 4, 32)
-    torch.testing.assert_close(block(x, torch.randn(2, 32), text, mask, cos, sin), x)
+    time_mod = TimestepModulation(32)(torch.randn(2, 32))  # fresh: all zeros
+    assert time_mod.shape == (2, 6, 32)
+    torch.testing.assert_close(block(x, time_mod, text, mask, cos, sin), x)
+    # A trained modulation opens the gates: the same block is then no longer the identity.
+    assert not torch.allclose(block(x, torch.randn(2, 6, 32), text, mask, cos, sin), x)
 
 
 def test_block_has_no_buffers_and_owns_its_parameters():

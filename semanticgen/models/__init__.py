@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from .attention import CrossAttention, SelfAttention
-from .blocks import DiTBlock, FinalLayer
+from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .compressor import CompressorOutput, SemanticCompressor, gaussian_kl
 from .embeddings import TextProjection, TimestepEmbedder, patchify, sinusoidal_embedding, unpatchify
 from .latent_generator import LatentGenerator
@@ -25,6 +25,7 @@ __all__ = [
     "LatentGenerator",
     "DiTBlock",
     "FinalLayer",
+    "TimestepModulation",
     "SelfAttention",
     "CrossAttention",
     "TimestepEmbedder",

@@ -10,7 +10,7 @@ from torch import nn
 from semanticgen.ops import WindowLayout
 
 from ._validation import check_conditioning, check_tensor
-from .blocks import DiTBlock, FinalLayer
+from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder, patchify, unpatchify
 from .rope import grid_positions, rope_tables, token_grid
 
@@ -103,6 +103,7 @@ class LatentGenerator(nn.Module):
         self.x_embed = nn.Linear(patch_features, config.hidden)
         self.sem_embed = nn.Linear(config.sem_dim, config.hidden)
         self.t_embed = TimestepEmbedder(config.hidden)
+        self.t_mod = TimestepModulation(config.hidden)
         self.text_embed = TextProjection(config.text_dim, config.hidden)
         block_cfg = DiTBlock.Config(
             config.hidden, config.heads, config.mlp_ratio, config.qk_norm, swin_backend=config.swin_backend
@@ -199,9 +200,10 @@ class LatentGenerator(nn.Module):
 
         tokens = torch.cat([self.x_embed(patchify(x, self.patch)), self.sem_embed(z_sem.reshape(b, ts * ss, -1))], 1)
         cond = self.t_embed(t)
+        time_mod = self.t_mod(cond)
         txt = self.text_embed(text)
         layout = self.window_layout(tv, hv * wv, ts, ss) if self.config.attention == "swin" else None
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, cond, txt, text_mask, cos, sin, layout, i % 2 == 1)
+            tokens = block(tokens, time_mod, txt, text_mask, cos, sin, layout, i % 2 == 1)
         out = self.final(tokens[:, : tv * hv * wv], cond)
         return unpatchify(out, self.patch, (c, t_len, h, w))

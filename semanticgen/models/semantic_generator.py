@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._validation import check_conditioning, check_tensor
-from .blocks import DiTBlock, FinalLayer
+from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder
 from .rope import grid_positions, rope_tables, token_grid
 
@@ -57,6 +57,7 @@ class SemanticGenerator(nn.Module):
         self.head_dim = config.hidden // config.heads
         self.x_embed = nn.Linear(config.dim, config.hidden)
         self.t_embed = TimestepEmbedder(config.hidden)
+        self.t_mod = TimestepModulation(config.hidden)
         self.text_embed = TextProjection(config.text_dim, config.hidden)
         block_cfg = DiTBlock.Config(config.hidden, config.heads, config.mlp_ratio, config.qk_norm)
         self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
@@ -85,7 +86,8 @@ class SemanticGenerator(nn.Module):
         )
         h = self.x_embed(x.reshape(b, ts * ss, dim))
         cond = self.t_embed(t)
+        time_mod = self.t_mod(cond)
         txt = self.text_embed(text)
         for block in self.blocks:
-            h = block(h, cond, txt, text_mask, cos, sin)
+            h = block(h, time_mod, txt, text_mask, cos, sin)
         return self.final(h, cond).reshape(b, ts, ss, dim)

@@ -170,3 +170,18 @@ def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)`` for fp32 ``x``, rounding to nearest even as the GPU's ``cvt.rn`` does.
+
+    Under ``TRITON_INTERPRET=1`` (``UPCAST``) the interpreter's fp32 -> bf16 cast truncates (about half
+    of random values come out one ulp low, a bias that doubled bf16 gradient errors), so the rounding is
+    done here on the bits first; the final cast then only drops zero bits.
+    """
+    if UPCAST and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_utils import ConfigTable, KernelConfig, device_arch_class, dot_acc
+from ._triton_utils import ConfigTable, KernelConfig, cast_to, device_arch_class, dot_acc
 
 __all__ = [
     "swin_attn_bwd_preprocess_kernel",
@@ -213,21 +213,21 @@ def swin_attn_bwd_dkdv_kernel(
             mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        dv = dot_acc(pt.to(do.dtype), do, dv, PRECISION, UPCAST)
+        dv = dot_acc(cast_to(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
         delta = tl.load(DELTA + stat_base + tok_q, mask=row_ok, other=0.0)
         dpt = dot_acc(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
         dst = pt * (dpt - delta[None, :])
-        dk = dot_acc(dst.to(qt.dtype), tl.trans(qt), dk, PRECISION, UPCAST)
+        dk = dot_acc(cast_to(dst, qt.dtype, UPCAST), tl.trans(qt), dk, PRECISION, UPCAST)
 
     dk = dk * sm_scale
     tl.store(
         DK + b * stride_dkb + h * stride_dkh + tok_k[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(DK.dtype.element_ty),
+        cast_to(dk, DK.dtype.element_ty, UPCAST),
         mask=kv_mask,
     )
     tl.store(
         DV + b * stride_dvb + h * stride_dvh + tok_k[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-        dv.to(DV.dtype.element_ty),
+        cast_to(dv, DV.dtype.element_ty, UPCAST),
         mask=kv_mask,
     )
 
@@ -321,12 +321,12 @@ def swin_attn_bwd_dq_kernel(
         p = tl.where(col_ok[None, :], p, 0.0)
         dp = dot_acc(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq = dot_acc(ds.to(kt.dtype), tl.trans(kt), dq, PRECISION, UPCAST)
+        dq = dot_acc(cast_to(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
 
     dq = dq * sm_scale
     tl.store(
         DQ + b * stride_dqb + h * stride_dqh + tok_q[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-        dq.to(DQ.dtype.element_ty),
+        cast_to(dq, DQ.dtype.element_ty, UPCAST),
         mask=q_mask,
     )
 

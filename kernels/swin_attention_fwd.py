@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_utils import LOG2E, ConfigTable, KernelConfig, device_arch_class, dot_acc
+from ._triton_utils import LOG2E, ConfigTable, KernelConfig, cast_to, device_arch_class, dot_acc
 
 __all__ = ["swin_attn_fwd_kernel", "swin_attn_fwd_kernel_tuned", "FWD_CONFIGS", "LOG2E"]
 
@@ -123,12 +123,12 @@ def swin_attn_fwd_kernel(
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         )
-        acc = dot_acc(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+        acc = dot_acc(cast_to(p, v.dtype, UPCAST), v, acc, PRECISION, UPCAST)
         m_i = m_new
 
     acc = acc / l_i[:, None]
     o_ptrs = Out + b * stride_ob + h * stride_oh + tok_q[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, cast_to(acc, Out.dtype.element_ty, UPCAST), mask=row_ok[:, None] & d_ok[None, :])
     # Natural-log LSE of the scaled scores: (m + log2 l) / log2(e).
     lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
     tl.store(LSE + bh.to(tl.int64) * num_tokens + tok_q, lse, mask=row_ok)

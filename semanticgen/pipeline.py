@@ -1,0 +1,297 @@
+"""Two-stage SemanticGen generation: text -> semantic tokens -> VAE latents -> frames.
+
+1. The text encoder embeds the prompts (and the empty prompt, for classifier-free guidance).
+2. Stage 1: the :class:`~semanticgen.models.SemanticGenerator` integrates compressed semantic tokens
+   ``z_sem [B, Ts, Ss, dim]`` from noise with Euler steps.
+3. ``z_sem`` is noise-augmented to ``noise_level`` (the level the latent generator was trained with), which
+   hides the gap between semantic tokens of real videos (training) and generated ones (inference).
+4. Stage 2: the :class:`~semanticgen.models.LatentGenerator` integrates VAE latents ``[B, C, T, H, W]`` with
+   ``z_sem`` in context. Guidance in stage 2 is on the text only: both branches see the same ``z_sem``.
+5. The VAE decodes the latents to frames ``[B, F, 3, H, W]`` in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from semanticgen.rectified_flow import euler_sample, noise_augment
+
+__all__ = ["SemanticGenPipeline"]
+
+
+def _positive_int_shape(name: str, shape: object, length: int, layout: str) -> tuple[int, ...]:
+    if (
+        not isinstance(shape, Sequence)
+        or len(shape) != length
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+    ):
+        raise ValueError(f"SemanticGenPipeline: {name} must be {length} positive ints {layout}, got {shape!r}")
+    return tuple(shape)
+
+
+def _pair(name: str, value: object) -> tuple:
+    """A value for both stages, or a ``(stage 1, stage 2)`` pair."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(
+                f"SemanticGenPipeline: {name} must be one value or a (stage 1, stage 2) pair, got {value!r}"
+            )
+        return tuple(value)
+    return (value, value)
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class SemanticGenPipeline:
+    """Text-to-video with a semantic generator, a latent generator, a text encoder and a VAE.
+
+    Args:
+        semantic_generator: stage-1 velocity model ``(x [B, Ts, Ss, dim], t, text, mask) -> velocity``.
+        latent_generator: stage-2 velocity model ``(x [B, C, T, H, W], t, text, mask, z_sem) -> velocity``.
+        text_encoder: ``encode(prompts) -> (emb [B, L, text_dim], mask [B, L] bool)``.
+        vae: ``decode(latents [B, C, T, H, W]) -> frames [B, F, 3, H', W']`` in ``[0, 1]``.
+        sem_shape: ``(Ts, Ss, dim)`` of the semantic tokens of one video.
+        latent_shape: ``(C, T, H, W)`` of the latents of one video.
+        noise_level: noise augmentation of ``z_sem`` before stage 2 (flow time in ``[0, 1]``).
+        sem_shift, latent_shift: resolution shift of each stage's sampling time grid.
+        negative_prompt: the unconditional prompt for guidance (``""``: what text dropout trains on).
+
+    Both generators are put in eval mode. Example::
+
+        pipe = SemanticGenPipeline(sem_gen, lat_gen, HashTextEncoder(16, 8), PixelVAE(4, 4),
+                                   sem_shape=(2, 4, 4), latent_shape=(4, 3, 4, 4), noise_level=0.1)
+        frames = pipe(["a red square moving right"], steps=20, guidance=3.0, seed=0)  # [1, 9, 3, 16, 16]
+    """
+
+    def __init__(
+        self,
+        semantic_generator: nn.Module,
+        latent_generator: nn.Module,
+        text_encoder,
+        vae,
+        *,
+        sem_shape: Sequence[int],
+        latent_shape: Sequence[int],
+        noise_level: float = 0.0,
+        sem_shift: float = 1.0,
+        latent_shift: float = 1.0,
+        negative_prompt: str = "",
+    ) -> None:
+        self.semantic_generator = semantic_generator.eval()
+        self.latent_generator = latent_generator.eval()
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.sem_shape = _positive_int_shape("sem_shape", sem_shape, 3, "(Ts, Ss, dim)")
+        self.latent_shape = _positive_int_shape("latent_shape", latent_shape, 4, "(C, T, H, W)")
+        if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not 0 <= noise_level <= 1:
+            raise ValueError(f"SemanticGenPipeline: noise_level must be a float in [0, 1], got {noise_level!r}")
+        self.noise_level = float(noise_level)
+        self.sem_shift = float(sem_shift)
+        self.latent_shift = float(latent_shift)
+        if not isinstance(negative_prompt, str):
+            raise TypeError(f"SemanticGenPipeline: negative_prompt must be a str, got {type(negative_prompt).__name__}")
+        self.negative_prompt = negative_prompt
+        self._check_compatible()
+
+    # ------------------------------------------------------------------------------------------- checks
+    def _check_compatible(self) -> None:
+        """Catch mismatched parts at construction, not halfway through sampling."""
+        text_dim = getattr(self.text_encoder, "dim", None)
+        sem_cfg = getattr(self.semantic_generator, "config", None)
+        lat_cfg = getattr(self.latent_generator, "config", None)
+        problems = []
+        if sem_cfg is not None:
+            if getattr(sem_cfg, "dim", self.sem_shape[2]) != self.sem_shape[2]:
+                problems.append(f"sem_shape dim {self.sem_shape[2]} != semantic_generator dim {sem_cfg.dim}")
+            if text_dim is not None and getattr(sem_cfg, "text_dim", text_dim) != text_dim:
+                problems.append(f"text encoder dim {text_dim} != semantic_generator text_dim {sem_cfg.text_dim}")
+        if lat_cfg is not None:
+            if getattr(lat_cfg, "in_channels", self.latent_shape[0]) != self.latent_shape[0]:
+                problems.append(
+                    f"latent_shape C {self.latent_shape[0]} != latent_generator in_channels {lat_cfg.in_channels}"
+                )
+            if getattr(lat_cfg, "sem_dim", self.sem_shape[2]) != self.sem_shape[2]:
+                problems.append(f"sem_shape dim {self.sem_shape[2]} != latent_generator sem_dim {lat_cfg.sem_dim}")
+            if text_dim is not None and getattr(lat_cfg, "text_dim", text_dim) != text_dim:
+                problems.append(f"text encoder dim {text_dim} != latent_generator text_dim {lat_cfg.text_dim}")
+            patch = getattr(lat_cfg, "patch", None)
+            if patch is not None and any(s % p for s, p in zip(self.latent_shape[1:], patch)):
+                problems.append(f"latent_shape (T, H, W) {self.latent_shape[1:]} not divisible by patch {tuple(patch)}")
+        vae_channels = getattr(self.vae, "latent_channels", self.latent_shape[0])
+        if vae_channels != self.latent_shape[0]:
+            problems.append(f"latent_shape C {self.latent_shape[0]} != VAE latent_channels {vae_channels}")
+        if problems:
+            raise ValueError("SemanticGenPipeline: incompatible parts: " + "; ".join(problems))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.latent_generator.parameters()).device
+
+    # ---------------------------------------------------------------------------------------- stages
+    def encode_prompts(
+        self, prompts: Sequence[str], guided: bool
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(cond (emb, mask), uncond (emb, mask) or None)`` on the pipeline's device."""
+        device = self.device
+        emb, mask = self.text_encoder.encode(list(prompts))
+        cond = (emb.to(device, torch.float32), mask.to(device, torch.bool))
+        if not guided:
+            return cond, None
+        n_emb, n_mask = self.text_encoder.encode([self.negative_prompt])
+        uncond = (
+            n_emb.to(device, torch.float32).expand(len(prompts), -1, -1),
+            n_mask.to(device, torch.bool).expand(len(prompts), -1),
+        )
+        return cond, uncond
+
+    def sample_semantic(
+        self,
+        cond: tuple[torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor] | None,
+        *,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+        on_step: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Stage 1: ``z_sem [B, Ts, Ss, dim]`` float32 from the text embeddings."""
+        model, dtype = self.semantic_generator, _param_dtype(self.semantic_generator)
+
+        def velocity(text: tuple[torch.Tensor, torch.Tensor]):
+            def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                if on_step is not None and text is cond:
+                    on_step()
+                return model(z.to(dtype), t.to(dtype), text[0].to(dtype), text[1])
+
+            return fn
+
+        batch = cond[0].shape[0]
+        noise = torch.randn((batch, *self.sem_shape), generator=generator, device=self.device)
+        return euler_sample(
+            velocity(cond),
+            noise,
+            steps=steps,
+            guidance=guidance,
+            uncond_fn=velocity(uncond) if uncond is not None else None,
+            progress=False,
+            shift=self.sem_shift,
+        )
+
+    def sample_latents(
+        self,
+        cond: tuple[torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor] | None,
+        z_sem: torch.Tensor,
+        *,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+        on_step: Callable[[], None] | None = None,
+    ) -> torch.Tensor:
+        """Stage 2: latents ``[B, C, T, H, W]`` float32 conditioned on (already noise-augmented) ``z_sem``."""
+        model, dtype = self.latent_generator, _param_dtype(self.latent_generator)
+        z_sem_in = z_sem.to(self.device, dtype)
+
+        def velocity(text: tuple[torch.Tensor, torch.Tensor]):
+            def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                if on_step is not None and text is cond:
+                    on_step()
+                return model(x.to(dtype), t.to(dtype), text[0].to(dtype), text[1], z_sem_in)
+
+            return fn
+
+        batch = cond[0].shape[0]
+        noise = torch.randn((batch, *self.latent_shape), generator=generator, device=self.device)
+        return euler_sample(
+            velocity(cond),
+            noise,
+            steps=steps,
+            guidance=guidance,
+            uncond_fn=velocity(uncond) if uncond is not None else None,
+            progress=False,
+            shift=self.latent_shift,
+        )
+
+    # ------------------------------------------------------------------------------------------- call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: Sequence[str] | str,
+        *,
+        steps: int | tuple[int, int] = 20,
+        guidance: float | tuple[float, float] = 1.0,
+        seed: int = 0,
+        progress: bool = True,
+        return_intermediates: bool = False,
+    ):
+        """Generate one video per prompt.
+
+        Args:
+            prompts: a list of prompts (a single str is one prompt).
+            steps: Euler steps, for both stages or ``(stage 1, stage 2)``.
+            guidance: classifier-free guidance scale (1 = off), for both stages or ``(stage 1, stage 2)``.
+            seed: seeds one ``torch.Generator`` on the pipeline's device that draws every noise tensor, so the
+                same seed on the same device and software gives the same video.
+            progress: show a progress bar over the denoising steps of both stages.
+            return_intermediates: also return ``z_sem``, the augmented ``z_sem`` and the latents.
+
+        Returns:
+            ``frames float32 [B, F, 3, H, W]`` in ``[0, 1]``; with ``return_intermediates``,
+            ``(frames, {"z_sem", "z_sem_augmented", "latents"})``.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"SemanticGenPipeline: prompts must be a non-empty list of str, got {prompts!r}")
+        sem_steps, lat_steps = _pair("steps", steps)
+        for s in (sem_steps, lat_steps):
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                raise ValueError(f"SemanticGenPipeline: steps must be positive ints, got {steps!r}")
+        sem_guidance, lat_guidance = _pair("guidance", guidance)
+        for g in (sem_guidance, lat_guidance):
+            if isinstance(g, bool) or not isinstance(g, (int, float)):
+                raise TypeError(f"SemanticGenPipeline: guidance must be floats, got {guidance!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"SemanticGenPipeline: seed must be an int, got {seed!r}")
+
+        device = self.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+        guided = float(sem_guidance) != 1.0 or float(lat_guidance) != 1.0
+        cond, uncond = self.encode_prompts(prompts, guided)
+
+        bar = tqdm(total=sem_steps + lat_steps, desc="stage 1 (semantic)", unit="step", disable=not progress)
+        try:
+            z_sem = self.sample_semantic(
+                cond,
+                uncond if float(sem_guidance) != 1.0 else None,
+                steps=sem_steps,
+                guidance=float(sem_guidance),
+                generator=generator,
+                on_step=lambda: bar.update(1),
+            )
+            z_aug = noise_augment(z_sem, self.noise_level, generator=generator)
+            bar.set_description("stage 2 (latents)")
+            latents = self.sample_latents(
+                cond,
+                uncond if float(lat_guidance) != 1.0 else None,
+                z_aug,
+                steps=lat_steps,
+                guidance=float(lat_guidance),
+                generator=generator,
+                on_step=lambda: bar.update(1),
+            )
+        finally:
+            bar.close()
+        frames = self.vae.decode(latents).float().clamp(0.0, 1.0)
+        if return_intermediates:
+            return frames, {"z_sem": z_sem, "z_sem_augmented": z_aug, "latents": latents}
+        return frames

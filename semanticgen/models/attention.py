@@ -15,6 +15,13 @@ from semanticgen.ops import WindowLayout, swin_attention
 from .rope import apply_rope
 
 
+class HeadRMSNorm(nn.RMSNorm):
+    """RMSNorm over the head dim whose gain follows the input dtype (fused kernel under autocast too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """``[B, N, H * D]`` -> ``[B, N, H, D]``."""
     return x.unflatten(-1, (heads, -1))
@@ -41,8 +48,8 @@ class SelfAttention(nn.Module):
         self.head_dim = hidden // heads
         self.swin_backend = swin_backend
         self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(
@@ -87,8 +94,8 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(hidden, hidden)
         self.kv = nn.Linear(hidden, 2 * hidden)
         self.null_kv = nn.Parameter(torch.randn(2, hidden) * 0.02)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

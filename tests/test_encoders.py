@@ -176,3 +176,122 @@ def test_factories_reject_bad_specs(builder, spec, match):
 def test_factories_reject_non_dict():
     with pytest.raises(TypeError, match="dict"):
         build_vae("pixel")
+
+
+# ---------------------------------------------------------------------------------------- HFTextEncoder
+WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "square", "blue", "circle", "moving", "right"]
+
+
+@pytest.fixture(scope="module")
+def tiny_t5_dir(tmp_path_factory):
+    """A tiny random T5 encoder and a word-level tokenizer, written locally (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    path = tmp_path_factory.mktemp("t5")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(WORDS), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
+    T5EncoderModel(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_hf_text_encoder_matches_direct_t5_encoder(tiny_t5_dir):
+    from transformers import T5EncoderModel
+
+    from semanticgen.encoders import HFTextEncoder
+
+    enc = HFTextEncoder.from_pretrained(tiny_t5_dir, max_len=8)
+    assert isinstance(enc, TextEncoder) and enc.dim == 16
+    assert type(enc.model).__name__ == "T5EncoderModel"
+    prompts = ["a red square", "blue circle moving right", ""]
+    emb, mask = enc.encode(prompts)
+    assert emb.shape == (3, 8, 16) and emb.dtype == torch.float32
+    assert mask.sum(1).tolist() == [4, 5, 1]  # words + </s>
+
+    ids = torch.tensor(
+        [[WORDS.index(w) for w in p.split()] + [1] + [0] * (7 - len(p.split())) for p in prompts], dtype=torch.long
+    )
+    model = T5EncoderModel.from_pretrained(tiny_t5_dir).eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask.long()).last_hidden_state * mask[..., None]
+    torch.testing.assert_close(emb, expected, atol=1e-6, rtol=1e-5)
+    assert torch.all(emb[~mask] == 0)
+
+
+def test_hf_text_encoder_via_factory_and_errors(tiny_t5_dir, tmp_path):
+    from semanticgen.encoders import HFTextEncoder
+
+    enc = build_text_encoder({"kind": "hf", "path": str(tiny_t5_dir), "max_len": 6})
+    assert isinstance(enc, HFTextEncoder) and enc.encode(["a"])[0].shape == (1, 6, 16)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        HFTextEncoder.from_pretrained(tmp_path / "absent")
+    with pytest.raises(ValueError, match="max_len"):
+        HFTextEncoder.from_pretrained(tiny_t5_dir, max_len=0)
+
+
+# ----------------------------------------------------------------------------------------------- WanVAE
+LATENTS_MEAN = [0.1, -0.2, 0.3, 0.0]
+LATENTS_STD = [1.5, 0.5, 2.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def tiny_wan_dir(tmp_path_factory):
+    """A tiny random AutoencoderKLWan (4x time, 8x space, 4 latent channels) saved as a pipeline's ``vae/``."""
+    diffusers = pytest.importorskip("diffusers")
+    path = tmp_path_factory.mktemp("wan")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=LATENTS_MEAN,
+        latents_std=LATENTS_STD,
+    )
+    vae.save_pretrained(path / "vae")
+    return path
+
+
+def test_wan_vae_matches_diffusers_with_normalisation(tiny_wan_dir):
+    from diffusers import AutoencoderKLWan
+
+    from semanticgen.encoders import WanVAE
+
+    vae = WanVAE.from_pretrained(tiny_wan_dir)  # finds the vae/ folder
+    assert isinstance(vae, VideoVAE)
+    assert (vae.latent_channels, vae.temporal_factor, vae.spatial_factor) == (4, 4, 8)
+    video = _video(1, 5, 16, 24)
+    latents = vae.encode(video)
+    assert latents.shape == (1, 4, 2, 2, 3) and vae.latent_frames(5) == 2
+
+    ref = AutoencoderKLWan.from_pretrained(tiny_wan_dir / "vae").eval()
+    mean = torch.tensor(LATENTS_MEAN).view(1, 4, 1, 1, 1)
+    std = torch.tensor(LATENTS_STD).view(1, 4, 1, 1, 1)
+    with torch.no_grad():
+        raw = ref.encode(video.permute(0, 2, 1, 3, 4) * 2 - 1).latent_dist.mode()
+        torch.testing.assert_close(latents, (raw - mean) / std, atol=1e-5, rtol=1e-5)
+        decoded = vae.decode(latents)
+        expected = (ref.decode(raw).sample.permute(0, 2, 1, 3, 4) + 1) / 2
+    assert decoded.shape == (1, 5, 3, 16, 24) and vae.video_frames(2) == 5
+    torch.testing.assert_close(decoded, expected.clamp(0, 1), atol=1e-5, rtol=1e-5)
+
+
+def test_wan_vae_factory_and_errors(tiny_wan_dir, tmp_path):
+    from semanticgen.encoders import WanVAE
+
+    vae = build_vae({"kind": "wan", "path": str(tiny_wan_dir), "subfolder": "vae"})
+    assert isinstance(vae, WanVAE)
+    with pytest.raises(ValueError, match="1 \\+ k \\* 4"):
+        vae.encode(torch.rand(1, 4, 3, 16, 16))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        vae.encode(torch.rand(1, 5, 3, 12, 16))
+    with pytest.raises(ValueError, match="latents"):
+        vae.decode(torch.zeros(1, 16, 2, 2, 2))
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        WanVAE.from_pretrained(tmp_path)

@@ -15,7 +15,7 @@ from .pixel import PixelSemanticEncoder, PixelVAE
 from .protocols import SemanticEncoder, TextEncoder, VideoVAE, check_video
 from .text import HashTextEncoder, HFTextEncoder
 
-_LAZY = {"QwenVisionEncoder": ".qwen_vision"}
+_LAZY = {"QwenVisionEncoder": ".qwen_vision", "WanVAE": ".wan_vae"}
 
 __all__ = [
     "SemanticEncoder",

@@ -232,11 +232,16 @@ def test_latent_generator_shapes():
         assert out.shape == inputs[0].shape and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("patch", [(1, 2, 2), (2, 2, 1)], ids=["patch=1x2x2", "patch=2x2x1"])
-def test_latent_generator_swin_equals_full_when_one_window_covers_the_clip(patch):
+@pytest.mark.parametrize(
+    "patch, depth, window",
+    [((1, 2, 2), 1, 4), ((1, 2, 2), 3, 8), ((2, 2, 1), 3, 8)],
+    ids=["one-unshifted-layer,Tw=Tv", "3-layers,Tw=2Tv", "patch=2x2x1,3-layers,Tw=2Tv"],
+)
+def test_latent_generator_swin_equals_full_when_one_window_covers_the_clip(patch, depth, window):
     t = 4
-    # Shifted windows start at -Tw/2, so one window covers all Tv frames on both parities when Tw >= 2 * Tv.
-    base = dataclasses.replace(LatentGenerator.Config.tiny(), patch=patch, depth=3, window=2 * t)
+    # Unshifted windows start at frame 0: one covers the clip when Tw >= Tv. Shifted windows (odd layers) start
+    # at -Tw/2, so there one window covers all Tv frames only when Tw - Tw // 2 >= Tv, e.g. Tw = 2 * Tv.
+    base = dataclasses.replace(LatentGenerator.Config.tiny(), patch=patch, depth=depth, window=window)
     full = _randomize(LatentGenerator(dataclasses.replace(base, attention="full")))
     swin = LatentGenerator(dataclasses.replace(base, attention="swin"))
     swin.load_state_dict(full.state_dict())
@@ -345,3 +350,15 @@ def test_latent_generator_bfloat16_tracks_float32(attention):
     # bf16 keeps 8 mantissa bits (relative step 2^-8 = 0.4%); two blocks of matmuls stay within a few of those.
     for out in (auto, pure):
         assert (out.float() - ref).abs().max() <= 0.02 * ref.abs().max()
+
+
+@pytest.mark.parametrize(
+    "module", ["compressor", "semantic_generator", "latent_generator"], ids=lambda m: f"module={m}"
+)
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"semanticgen.models.{module}")
+    result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

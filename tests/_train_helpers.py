@@ -1,0 +1,63 @@
+"""Launch small ``torchrun`` training runs from tests and read their outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.toml"
+
+# Small enough that a step takes tens of milliseconds on one CPU core.
+SMALL = [
+    "--set=data.micro_batch_size=2",
+    "--set=data.num_samples=64",
+    "--set=log.progress=false",
+    "--set=latent.optim.warmup_steps=2",
+    "--set=semantic.optim.warmup_steps=2",
+]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone`` (picks a free port) running ``semanticgen.train``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "semanticgen.train",
+        *args,
+    ]
+
+
+def run_train(nproc: int, run_dir: Path, *extra: str, config: Path = TINY, timeout: float = 240) -> None:
+    """Run training to completion; fail the test with the output if it does not exit 0."""
+    cmd = torchrun_cmd(nproc, [str(config), "--run-dir", str(run_dir), *SMALL, *extra])
+    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        err = proc.stderr
+        first = err.find("Traceback")  # the failing rank's own traceback, before torchrun's summary
+        shown = err[first : first + 6000] if first >= 0 else err[-6000:]
+        raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{shown}")
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run_dir)}

@@ -1,0 +1,97 @@
+"""Training config: TOML/YAML loading, --set overrides, unknown keys and bad values named in the error."""
+
+from __future__ import annotations
+
+import pytest
+
+from semanticgen.train.config import (
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    parse_override,
+    read_config_file,
+)
+from _train_helpers import TINY
+
+
+def test_tiny_config_loads():
+    cfg = load_config(TINY)
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.stage == "both" and cfg.stage_list() == ["latent", "semantic"]
+    assert cfg.model["latent_generator"]["patch"] == [1, 2, 2]
+    assert cfg.latent.optim.lr == pytest.approx(1e-3)
+
+
+def test_yaml_equals_toml(tmp_path):
+    import yaml
+
+    raw = read_config_file(TINY)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert load_config(path) == load_config(TINY)
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"latent": {"optim": {"lrr": 1.0}}}, "latent.optim.lrr"),
+        ({"dataa": {}}, "dataa"),
+        ({"data": {"heigth": 3}}, "data.heigth"),
+        ({"model": {"vae": {}}}, "model.vae"),
+        ({"encoders": {"video": {}}}, "encoders.video"),
+    ],
+)
+def test_unknown_key_is_named(data, key):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        config_from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        ({"stage": "both_stages"}, "stage must be one of"),
+        ({"latent": {"steps": "ten"}}, "'latent.steps' must be an integer"),
+        ({"latent": {"optim": {"lr": True}}}, "'latent.optim.lr' must be a number"),
+        ({"data": {"kind": "video_folder"}}, "data.path is required"),
+        ({"parallel": {"mixed_precision": "fp8"}}, "parallel.mixed_precision"),
+        ({"semantic": {"optim": {"grad_accum": 0}}}, "grad_accum must be >= 1"),
+        ({"latent": {"optim": {"betas": [0.9]}}}, "'latent.optim.betas' must be a list of 2"),
+    ],
+)
+def test_bad_values_are_named(data, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(data)
+
+
+def test_overrides_use_toml_values():
+    assert parse_override("optim.lr=3e-4") == (["optim", "lr"], 3e-4)
+    assert parse_override("stage=latent") == (["stage"], "latent")
+    assert parse_override('stage="semantic"') == (["stage"], "semantic")
+    assert parse_override("parallel.compile=true") == (["parallel", "compile"], True)
+    assert parse_override("model.latent_generator.patch=[1, 2, 2]") == (
+        ["model", "latent_generator", "patch"],
+        [1, 2, 2],
+    )
+    with pytest.raises(ValueError, match="key=value"):
+        parse_override("no-equals-sign")
+    data = apply_overrides({"latent": {"steps": 3}}, ["latent.steps=7", "latent.optim.lr=0.5"])
+    assert data == {"latent": {"steps": 7, "optim": {"lr": 0.5}}}
+    with pytest.raises(ValueError, match="not a table"):
+        apply_overrides({"stage": "latent"}, ["stage.x=1"])
+
+
+def test_cli_override_reaches_config():
+    cfg = load_config(TINY, ["latent.steps=5", "data.micro_batch_size=3"])
+    assert cfg.latent.steps == 5 and cfg.data.micro_batch_size == 3
+    with pytest.raises(ValueError, match="'latent.stepz'"):
+        load_config(TINY, ["latent.stepz=5"])
+
+
+def test_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "cfg.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match=r"\.toml, \.yaml or \.yml"):
+        load_config(bad)

@@ -1,0 +1,161 @@
+"""End-to-end training under torchrun on CPU with gloo (2 processes): learning, resume, crash safety, FSDP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from _train_helpers import REPO, SMALL, TINY, child_env, losses, metrics, run_train, torchrun_cmd
+from semanticgen.train.checkpoint import list_checkpoints
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+STEPS = ["--set=latent.steps=4", "--set=semantic.steps=4"]  # global steps 1-4 latent, 5-8 semantic
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """8 steps (both stages) on 2 ranks without interruption; the reference the other runs are compared with."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    run_dir = run_dir / "run"
+    run_train(2, run_dir, *STEPS, "--save-every=2")
+    return run_dir
+
+
+def test_loss_goes_down(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(
+        2,
+        run_dir,
+        "--set=latent.steps=40",
+        "--set=semantic.steps=0",
+        "--set=stage=latent",
+        "--set=latent.optim.lr=3e-3",
+    )
+    recs = metrics(run_dir)
+    assert [r["step"] for r in recs] == list(range(1, 41))
+    for key in ("loss", "flow_loss", "kl", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"):
+        assert all(isinstance(r[key], float) for r in recs), key
+    first = sum(r["loss"] for r in recs[:5]) / 5
+    last = sum(r["loss"] for r in recs[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_straight_run_writes_checkpoints_and_exports(straight_run):
+    steps = [c.step for c in list_checkpoints(straight_run / "checkpoints")]
+    assert steps == [6, 8]  # keep_last = 2 of the tiny config
+    assert [c.meta["stage"] for c in list_checkpoints(straight_run / "checkpoints")] == ["semantic", "semantic"]
+    for name in ("latent.safetensors", "semantic.safetensors", "model.safetensors"):
+        assert (straight_run / name).is_file(), name
+    assert sorted(losses(straight_run)) == list(range(1, 9))
+
+
+@pytest.mark.parametrize("stop", [2, 6], ids=["stop-in-latent-stage", "stop-in-semantic-stage"])
+def test_resume_gives_identical_losses(straight_run, tmp_path, stop):
+    run_dir = tmp_path / "run"
+    run_train(2, run_dir, *STEPS, "--save-every=2", f"--steps={stop}")
+    assert max(losses(run_dir)) == stop
+    run_train(2, run_dir, *STEPS, "--save-every=2", "--resume")
+    ref, got = losses(straight_run), losses(run_dir)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+
+
+def test_reshard_on_resume_two_ranks_to_one(straight_run, tmp_path):
+    """Saved by 2 ranks, resumed by 1 rank with the same global batch: same losses within fp32 reduction error."""
+    run_dir = tmp_path / "run"
+    run_train(2, run_dir, *STEPS, "--save-every=2", "--steps=3")
+    run_train(1, run_dir, *STEPS, "--save-every=2", "--resume", "--set=data.micro_batch_size=4")
+    ref, got = losses(straight_run), losses(run_dir)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= 1e-5 * max(1.0, abs(ref[step])), (step, got[step], ref[step])
+
+
+def test_fsdp_two_ranks_match_one_rank(straight_run, tmp_path):
+    """The same global batch (2 ranks x 2 samples vs 1 rank x 4) gives the same losses and gradient norms."""
+    run_dir = tmp_path / "run"
+    run_train(1, run_dir, *STEPS, "--save-every=2", "--set=data.micro_batch_size=4")
+    ref = {r["step"]: r for r in metrics(straight_run)}
+    got = {r["step"]: r for r in metrics(run_dir)}
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        for key in ("loss", "grad_norm"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_gradient_accumulation_matches_larger_micro_batch(straight_run, tmp_path):
+    """2 ranks x 2 micro-batches of 1 sample == 2 ranks x 1 micro-batch of 2 samples (same samples per step)."""
+    run_dir = tmp_path / "run"
+    # With micro_batch_size=1 the stream assigns samples to ranks in a different order, but each step's global set
+    # of samples is the same, and so are the averaged loss and the update.
+    run_train(
+        2,
+        run_dir,
+        *STEPS,
+        "--save-every=100",
+        "--set=data.micro_batch_size=1",
+        "--set=latent.optim.grad_accum=2",
+        "--set=semantic.optim.grad_accum=2",
+    )
+    ref, got = losses(straight_run), losses(run_dir)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-6), step
+
+
+def test_sigkill_mid_run_then_resume(straight_run, tmp_path):
+    """SIGKILL the whole process group while it trains and saves every step; the newest complete checkpoint loads,
+    half-written ones are never picked, and the resumed run ends with the straight run's losses."""
+    run_dir = tmp_path / "run"
+    cmd = torchrun_cmd(2, [str(TINY), "--run-dir", str(run_dir), *SMALL, *STEPS, "--save-every=1"])
+    proc = subprocess.Popen(
+        cmd, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list_checkpoints(run_dir / "checkpoints"):
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed; make it longer"
+        assert list_checkpoints(run_dir / "checkpoints"), "no checkpoint appeared within 120 s"
+        time.sleep(0.3)  # land somewhere in the following steps or saves
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    complete = list_checkpoints(run_dir / "checkpoints")
+    assert complete, "no complete checkpoint survived"
+    killed_at = complete[-1].step
+    assert killed_at < 8, "the run was not killed mid-way"
+    run_train(2, run_dir, *STEPS, "--save-every=1", "--resume")
+    ref, got = losses(straight_run), losses(run_dir)
+    assert sorted(got) == list(range(1, 9))
+    for step in range(killed_at + 1, 9):
+        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "a stale temporary checkpoint was left behind"
+
+
+def test_export_consolidates_both_stages(straight_run, tmp_path):
+    from semanticgen.train.export import export_run, read_export
+
+    out = export_run(straight_run, tmp_path / "model.safetensors")
+    tensors, meta = read_export(out)
+    prefixes = {k.split(".")[0] for k in tensors}
+    assert prefixes == {"latent_generator", "semantic_generator", "compressor"}
+    assert set(meta["stages"]) == {"latent", "semantic"}
+    assert meta["shapes"]["latents"][0] == 4 and len(meta["shapes"]["semantic"]) == 3
+    # The run's own end-of-run export holds the same weights.
+    own, _ = read_export(straight_run / "model.safetensors")
+    assert own.keys() == tensors.keys()
+    for k in tensors:
+        torch.testing.assert_close(own[k], tensors[k], rtol=0, atol=0)

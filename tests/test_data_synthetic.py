@@ -20,7 +20,7 @@ def test_shapes_range_and_determinism():
     a, b = ds[5], ds[5]
     assert a["vae_video"].shape == (9, 3, 24, 40) and a["sem_video"].shape == (2, 3, 24, 40)
     assert a["vae_video"].dtype == torch.float32
-    assert 0.0 <= float(a["vae_video"].min()) and float(a["vae_video"].max()) <= 1.0
+    assert float(a["vae_video"].min()) >= 0.0 and float(a["vae_video"].max()) <= 1.0
     assert torch.equal(a["vae_video"], b["vae_video"]) and a["caption"] == b["caption"]
     other = SyntheticShapes(8, height=24, width=40, vae_frames=9, vae_fps=8.0, seed=4)
     assert [ds.describe(i) for i in range(8)] != [other.describe(i) for i in range(8)]

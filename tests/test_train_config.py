@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _train_helpers import TINY
 
 from semanticgen.train.config import (
     TrainConfig,
@@ -12,7 +13,6 @@ from semanticgen.train.config import (
     parse_override,
     read_config_file,
 )
-from _train_helpers import TINY
 
 
 def test_tiny_config_loads():

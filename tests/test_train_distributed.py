@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _train_helpers import REPO, SMALL, TINY, child_env, losses, metrics, run_train, torchrun_cmd
+
 from semanticgen.train.checkpoint import list_checkpoints
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

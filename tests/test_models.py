@@ -288,6 +288,15 @@ def test_latent_generator_gradients_reach_every_parameter(attention):
     assert z_sem.grad.abs().sum() > 0  # the semantic tokens condition the output
 
 
+@pytest.mark.parametrize("attention", ["full", "swin"])
+def test_latent_generator_runs_without_semantic_frames(attention):
+    cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)
+    model = _randomize(LatentGenerator(cfg))
+    x, t, text, mask, _ = _latent_inputs(cfg)
+    out = model(x, t, text, mask, torch.randn(2, 0, 6, cfg.sem_dim))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
 def test_latent_generator_empty_text_is_finite():
     cfg = LatentGenerator.Config.tiny()
     model = _randomize(LatentGenerator(cfg))
@@ -303,6 +312,8 @@ def test_latent_generator_rejects_bad_input_and_config():
         model(torch.randn(2, cfg.in_channels, 4, 5, 6), t, text, mask, z_sem)
     with pytest.raises(ValueError, match="sem_dim=4"):
         model(x, t, text, mask, torch.randn(2, 2, 6, 3))
+    with pytest.raises(ValueError, match="Ss >= 1"):
+        model(x, t, text, mask, torch.randn(2, 2, 0, 4))
     with pytest.raises(ValueError, match="in_channels=4"):
         model(torch.randn(2, 3, 4, 4, 6), t, text, mask, z_sem)
     with pytest.raises(ValueError, match="attention"):

@@ -163,9 +163,9 @@ class LatentGenerator(nn.Module):
                 f"LatentGenerator: x's [T, H, W] = {[t_len, h, w]} must be divisible by patch {self.patch}"
             )
         check_tensor("LatentGenerator: z_sem", z_sem, 4, "[B, Ts, Ss, sem_dim]")
-        if z_sem.shape[0] != b or z_sem.shape[3] != self.config.sem_dim:
+        if z_sem.shape[0] != b or z_sem.shape[3] != self.config.sem_dim or z_sem.shape[2] < 1:
             raise ValueError(
-                f"LatentGenerator: z_sem must be [B={b}, Ts, Ss, sem_dim={self.config.sem_dim}], "
+                f"LatentGenerator: z_sem must be [B={b}, Ts, Ss >= 1, sem_dim={self.config.sem_dim}], "
                 f"got {tuple(z_sem.shape)}"
             )
         check_conditioning("LatentGenerator", b, t, text, text_mask, self.config.text_dim)
@@ -198,7 +198,9 @@ class LatentGenerator(nn.Module):
         positions = self.token_positions(tv, hv, wv, ts, ss, device=x.device)
         cos, sin = rope_tables(positions, self.head_dim, theta=self.config.rope_theta)
 
-        tokens = torch.cat([self.x_embed(patchify(x, self.patch)), self.sem_embed(z_sem.reshape(b, ts * ss, -1))], 1)
+        tokens = torch.cat(
+            [self.x_embed(patchify(x, self.patch)), self.sem_embed(z_sem.reshape(b, ts * ss, self.config.sem_dim))], 1
+        )
         cond = self.t_embed(t)
         time_mod = self.t_mod(cond)
         txt = self.text_embed(text)

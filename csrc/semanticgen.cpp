@@ -43,7 +43,7 @@ TORCH_LIBRARY(semanticgen, m) {
   // typed wrappers, fake kernels and autograd in semanticgen/ops/flow.py.
   // A scalar operand (dt, guidance, t) is `Tensor? x, float x_value`: a float32 tensor of shape []
   // or [B] on the op's device (read on the device: no host sync) or, when it is None, the float.
-  // `*_out` writes into `out` (which must not alias an input); `*_` updates z in place.
+  // `*_out` writes into preallocated outputs (which must not alias an input); `*_` updates z in place.
   m.def("euler_step(Tensor z, Tensor v, Tensor? dt, float dt_value) -> Tensor");
   m.def("euler_step_out(Tensor z, Tensor v, Tensor? dt, float dt_value, Tensor(a!) out) -> ()");
   m.def("euler_step_(Tensor(a!) z, Tensor v, Tensor? dt, float dt_value) -> ()");
@@ -57,6 +57,8 @@ TORCH_LIBRARY(semanticgen, m) {
       "cfg_euler_step_(Tensor(a!) z, Tensor v_cond, Tensor v_uncond, Tensor? guidance, float guidance_value, "
       "Tensor? dt, float dt_value) -> ()");
   m.def("flow_noising(Tensor z0, Tensor eps, Tensor? t, float t_value) -> (Tensor, Tensor)");
+  m.def(
+      "flow_noising_out(Tensor z0, Tensor eps, Tensor? t, float t_value, Tensor(a!) z_t, Tensor(b!) u) -> ()");
   m.def("flow_matching_loss(Tensor v_pred, Tensor z0, Tensor eps) -> Tensor");
   m.def("flow_matching_loss_backward(Tensor grad, Tensor v_pred, Tensor z0, Tensor eps) -> Tensor");
 }

@@ -24,6 +24,7 @@ FLOW_OPS = (
     "cfg_euler_step_out",
     "cfg_euler_step_",
     "flow_noising",
+    "flow_noising_out",
     "flow_matching_loss",
     "flow_matching_loss_backward",
 )

@@ -203,6 +203,26 @@ def test_out_writes_every_element(dtype):
     torch.testing.assert_close(out, flow.euler_step(z, vc, -0.05), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+def test_flow_noising_out_writes_every_element(dtype):
+    z0, eps, t = _rand((3, 1001), dtype), _rand((3, 1001), dtype), torch.rand(3)
+    z_t, u = torch.full_like(z0, float("nan")), torch.full_like(z0, float("nan"))
+    got = flow.flow_noising(z0, eps, t, out=(z_t, u))
+    assert got[0] is z_t and got[1] is u
+    expect = flow.flow_noising(z0, eps, t)
+    torch.testing.assert_close(z_t, expect[0], rtol=0, atol=0)
+    torch.testing.assert_close(u, expect[1], rtol=0, atol=0)
+    u_strided = torch.empty(1001, 3, dtype=dtype).t()
+    flow.flow_noising(z0, eps, t, out=(z_t, u_strided))
+    torch.testing.assert_close(u_strided, expect[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"out\[1\] overlaps out\[0\]"):
+        flow.flow_noising(z0, eps, t, out=(z_t, z_t))
+    with pytest.raises(ValueError, match=r"out\[0\] overlaps z0"):
+        flow.flow_noising(z0, eps, t, out=(z0, u))
+    with pytest.raises(TypeError, match="pair"):
+        flow.flow_noising(z0, eps, t, out=z_t)
+
+
 def test_out_may_alias_z_and_in_place_step():
     z, v, vu = torch.randn(3, 77), torch.randn(3, 77), torch.randn(3, 77)
     expect = flow.euler_step(z, v, -0.1)
@@ -261,7 +281,7 @@ def test_bad_inputs_raise_clear_errors():
         flow.flow_noising(z, z, torch.rand(4, 2))
     with pytest.raises(ValueError, match="guidance"):
         flow.cfg_euler_step(z, z, z, torch.ones(3), 0.1)
-    with pytest.raises(ValueError, match="out must match z"):
+    with pytest.raises(ValueError, match="out must match the inputs"):
         flow.euler_step(z, z, 0.1, out=torch.empty(4, 9))
     v = torch.randn(4, 10)
     with pytest.raises(ValueError, match="out overlaps v"):
@@ -381,6 +401,7 @@ def _opcheck_samples():
         (ops.cfg_euler_step_.default, (z.clone(), v, vu, None, 3.0, dt, 0.0)),
         (ops.flow_noising.default, (z, v, t, 0.0)),
         (ops.flow_noising.default, (z.bfloat16(), v.bfloat16(), None, 0.7)),
+        (ops.flow_noising_out.default, (z, v, t, 0.0, torch.empty_like(z), torch.empty_like(z))),
         (ops.flow_matching_loss.default, (z, v, vu)),
         (ops.flow_matching_loss_backward.default, (torch.tensor(1.5), z, v, vu)),
     ]

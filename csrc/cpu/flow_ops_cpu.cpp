@@ -160,14 +160,14 @@ void cfg_euler_step_inplace(at::Tensor z, const at::Tensor& v_cond, const at::Te
   cfg_euler_step_into(z, v_cond, v_uncond, guidance, guidance_value, dt, dt_value, z);
 }
 
-std::tuple<at::Tensor, at::Tensor> flow_noising(const at::Tensor& z0, const at::Tensor& eps,
-                                                const std::optional<at::Tensor>& t, double t_value) {
+void flow_noising_into(const at::Tensor& z0, const at::Tensor& eps, const std::optional<at::Tensor>& t,
+                       double t_value, const at::Tensor& z_t, const at::Tensor& u) {
   check_float_dtype(z0, "z0");
   check_like(z0, z0, "z0");
   check_like(z0, eps, "eps");
   const auto s_t = make_scalar(t, t_value, z0, "t");
-  at::Tensor z_t = at::empty_like(z0, at::MemoryFormat::Contiguous);
-  at::Tensor u = at::empty_like(z0, at::MemoryFormat::Contiguous);
+  check_like(z0, z_t, "z_t");
+  check_like(z0, u, "u");
   SG_DISPATCH_FLOW_TYPES(z0.scalar_type(), "flow_noising_cpu", [&] {
     map_elements<scalar_t, 2, 2>(
         z0.numel(), inner_size(z0), {z0.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>()},
@@ -176,7 +176,19 @@ std::tuple<at::Tensor, at::Tensor> flow_noising(const at::Tensor& z0, const at::
           return std::array{fm::noised(x[0], x[1], s_t, one), fm::velocity_target(x[0], x[1])};
         });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_noising(const at::Tensor& z0, const at::Tensor& eps,
+                                                const std::optional<at::Tensor>& t, double t_value) {
+  at::Tensor z_t = at::empty_like(z0, at::MemoryFormat::Contiguous);
+  at::Tensor u = at::empty_like(z0, at::MemoryFormat::Contiguous);
+  flow_noising_into(z0, eps, t, t_value, z_t, u);
   return {z_t, u};
+}
+
+void flow_noising_out(const at::Tensor& z0, const at::Tensor& eps, const std::optional<at::Tensor>& t, double t_value,
+                      at::Tensor z_t, at::Tensor u) {
+  flow_noising_into(z0, eps, t, t_value, z_t, u);
 }
 
 // Deterministic sum of squared residuals: the index range is cut into fixed blocks of kLossBlock
@@ -286,6 +298,7 @@ TORCH_LIBRARY_IMPL(semanticgen, CPU, m) {
   m.impl("cfg_euler_step_out", &cfg_euler_step_out);
   m.impl("cfg_euler_step_", &cfg_euler_step_inplace);
   m.impl("flow_noising", &flow_noising);
+  m.impl("flow_noising_out", &flow_noising_out);
   m.impl("flow_matching_loss", &flow_matching_loss);
   m.impl("flow_matching_loss_backward", &flow_matching_loss_backward);
 }

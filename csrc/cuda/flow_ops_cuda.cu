@@ -234,21 +234,33 @@ void cfg_euler_step_inplace(at::Tensor z, const at::Tensor& v_cond, const at::Te
   cfg_euler_step_into(z, v_cond, v_uncond, guidance, guidance_value, dt, dt_value, z);
 }
 
-std::tuple<at::Tensor, at::Tensor> flow_noising(const at::Tensor& z0, const at::Tensor& eps,
-                                                const std::optional<at::Tensor>& t, double t_value) {
+void flow_noising_into(const at::Tensor& z0, const at::Tensor& eps, const std::optional<at::Tensor>& t,
+                       double t_value, const at::Tensor& z_t, const at::Tensor& u) {
   check_float_dtype(z0, "z0");
   check_like(z0, z0, "z0");
   check_like(z0, eps, "eps");
   const auto s_t = make_scalar(t, t_value, z0, "t");
-  at::Tensor z_t = at::empty_like(z0, at::MemoryFormat::Contiguous);
-  at::Tensor u = at::empty_like(z0, at::MemoryFormat::Contiguous);
+  check_like(z0, z_t, "z_t");
+  check_like(z0, u, "u");
   const c10::cuda::CUDAGuard guard(z0.device());
   SG_DISPATCH_FLOW_TYPES(z0.scalar_type(), "flow_noising_cuda", [&] {
     Pointers<scalar_t, 2, 2> p{{z0.const_data_ptr<scalar_t>(), eps.const_data_ptr<scalar_t>()},
                                {z_t.mutable_data_ptr<scalar_t>(), u.mutable_data_ptr<scalar_t>()}};
     launch_map<scalar_t, NoisingOp>(p, z0.numel(), inner_size(z0), s_t, fm::FlowScalar{});
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> flow_noising(const at::Tensor& z0, const at::Tensor& eps,
+                                                const std::optional<at::Tensor>& t, double t_value) {
+  at::Tensor z_t = at::empty_like(z0, at::MemoryFormat::Contiguous);
+  at::Tensor u = at::empty_like(z0, at::MemoryFormat::Contiguous);
+  flow_noising_into(z0, eps, t, t_value, z_t, u);
   return {z_t, u};
+}
+
+void flow_noising_out(const at::Tensor& z0, const at::Tensor& eps, const std::optional<at::Tensor>& t, double t_value,
+                      at::Tensor z_t, at::Tensor u) {
+  flow_noising_into(z0, eps, t, t_value, z_t, u);
 }
 
 // ----------------------------------------------------------------------------- loss
@@ -387,6 +399,7 @@ TORCH_LIBRARY_IMPL(semanticgen, CUDA, m) {
   m.impl("cfg_euler_step_out", &cfg_euler_step_out);
   m.impl("cfg_euler_step_", &cfg_euler_step_inplace);
   m.impl("flow_noising", &flow_noising);
+  m.impl("flow_noising_out", &flow_noising_out);
   m.impl("flow_matching_loss", &flow_matching_loss);
   m.impl("flow_matching_loss_backward", &flow_matching_loss_backward);
 }

@@ -121,23 +121,25 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _check_out(fn: str, out: object, z: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Validates ``out=``; returns it. ``out`` may be ``z`` itself but no other input."""
+def _check_out(
+    fn: str, out: object, z: torch.Tensor, inputs: dict[str, torch.Tensor], name: str = "out"
+) -> torch.Tensor:
+    """Validates an output buffer; returns it. ``out`` may be ``inputs["z"]`` itself but no other input."""
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{fn}: out must be a torch.Tensor, got {type(out).__name__}")
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(out).__name__}")
     if out.shape != z.shape or out.dtype != z.dtype or out.device != z.device:
         raise ValueError(
-            f"{fn}: out must match z (shape {tuple(z.shape)}, {z.dtype}, {z.device}), "
+            f"{fn}: {name} must match the inputs (shape {tuple(z.shape)}, {z.dtype}, {z.device}), "
             f"got shape {tuple(out.shape)}, {out.dtype}, {out.device}"
         )
     if torch.is_grad_enabled() and any(t.requires_grad for t in (out, *inputs.values())):
         raise RuntimeError(f"{fn}: out= does not support autograd; call it without out= or under torch.no_grad()")
     if not torch.compiler.is_compiling():
-        for name, x in inputs.items():
-            if name != "z" and _overlaps(out, x):
-                raise ValueError(f"{fn}: out overlaps {name}; out may alias z only")
-        if _overlaps(out, z) and not _same_memory(out, z):
-            raise ValueError(f"{fn}: out partially overlaps z; pass z itself to update it in place")
+        for other, x in inputs.items():
+            if other != "z" and _overlaps(out, x):
+                raise ValueError(f"{fn}: {name} overlaps {other}" + ("; out may alias z only" if "z" in inputs else ""))
+        if "z" in inputs and _overlaps(out, z) and not _same_memory(out, z):
+            raise ValueError(f"{fn}: {name} partially overlaps z; pass z itself to update it in place")
     return out
 
 
@@ -235,7 +237,9 @@ def cfg_euler_step(
     return out
 
 
-def flow_noising(z0: torch.Tensor, eps: torch.Tensor, t: ScalarLike) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_noising(
+    z0: torch.Tensor, eps: torch.Tensor, t: ScalarLike, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Noised sample and velocity target: ``z_t = (1 - t) * z0 + t * eps`` and ``u = eps - z0``.
 
     Args:
@@ -243,18 +247,36 @@ def flow_noising(z0: torch.Tensor, eps: torch.Tensor, t: ScalarLike) -> tuple[to
         eps: Gaussian noise, same shape, dtype and device as ``z0``.
         t: timestep in ``[0, 1]``: a float or a tensor ``[]``/``[B]`` (one per batch element, broadcast
             over the remaining dimensions) on ``z0``'s device.
+        out: optional preallocated ``(z_t, u)`` (each like ``z0``, aliasing no input and not each
+            other); no autograd through it.
 
     Returns:
-        ``(z_t, u)``, both ``[B, ...]`` in ``z0``'s dtype.
+        ``(z_t, u)``, both ``[B, ...]`` in ``z0``'s dtype (the ``out`` pair when given).
 
     Example::
 
         t = torch.rand(z0.shape[0], device=z0.device)
         z_t, u = flow_noising(z0, torch.randn_like(z0), t)
     """
-    z0_c, eps_c = _check_operands("flow_noising", "z0", z0, eps=eps)
-    t_t, t_v = _scalar_operand("flow_noising", "t", t, z0)
-    return tuple(_ops().flow_noising(z0_c, eps_c, t_t, t_v))
+    fn = "flow_noising"
+    z0_c, eps_c = _check_operands(fn, "z0", z0, eps=eps)
+    t_t, t_v = _scalar_operand(fn, "t", t, z0)
+    ops = _ops()
+    if out is None:
+        return tuple(ops.flow_noising(z0_c, eps_c, t_t, t_v))
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"{fn}: out must be a (z_t, u) pair of tensors, got {type(out).__name__}")
+    z_t, u = out
+    inputs = {"z0": z0, "eps": eps}
+    _check_out(fn, z_t, z0, inputs, name="out[0]")
+    _check_out(fn, u, z0, {**inputs, "out[0]": z_t}, name="out[1]")
+    if z_t.is_contiguous() and u.is_contiguous():
+        ops.flow_noising_out(z0_c, eps_c, t_t, t_v, z_t, u)
+    else:
+        new_z_t, new_u = ops.flow_noising(z0_c, eps_c, t_t, t_v)
+        z_t.copy_(new_z_t)
+        u.copy_(new_u)
+    return z_t, u
 
 
 def flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -312,7 +334,7 @@ def _register() -> None:
     def _(z, v_cond, v_uncond, guidance, guidance_value, dt, dt_value):
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
-    for name in ("euler_step_out", "euler_step_", "cfg_euler_step_out", "cfg_euler_step_"):
+    for name in ("euler_step_out", "euler_step_", "cfg_euler_step_out", "cfg_euler_step_", "flow_noising_out"):
         torch.library.register_fake(lib + name)(lambda *args: None)
 
     @torch.library.register_fake(lib + "flow_noising")

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("av")
 
-from semanticgen.video import read_video, save_video  # noqa: E402
+from semanticgen.video import _as_uint8_frames, read_video, save_video  # noqa: E402
 
 
 def _smooth_video(f: int, h: int, w: int) -> torch.Tensor:
@@ -35,12 +35,16 @@ def test_roundtrip_frame_count_size_and_fps(tmp_path, f, h, w, fps):
 
 
 def test_channels_last_and_uint8_inputs(tmp_path):
-    video = _smooth_video(4, 16, 16)
-    a, _ = read_video(save_video(video.permute(0, 2, 3, 1), tmp_path / "a.mp4", 12))
-    b, _ = read_video(save_video((video * 255).round().to(torch.uint8), tmp_path / "b.mp4", 12))
-    c, _ = read_video(save_video(video, tmp_path / "c.mp4", 12))
-    torch.testing.assert_close(a, c, atol=0, rtol=0)
-    torch.testing.assert_close(b, c, atol=0, rtol=0)
+    video = _smooth_video(5, 32, 48)
+    as_uint8 = (video * 255).round().to(torch.uint8)
+    expected = as_uint8.permute(0, 2, 3, 1)
+    # every accepted layout and dtype becomes the same pixels before encoding
+    assert torch.equal(_as_uint8_frames(video), expected)
+    assert torch.equal(_as_uint8_frames(video.permute(0, 2, 3, 1)), expected)
+    assert torch.equal(_as_uint8_frames(as_uint8), expected)
+    assert torch.equal(_as_uint8_frames(video * 2 - 0.5), _as_uint8_frames((video * 2 - 0.5).clamp(0, 1)))  # clamped
+    frames, _ = read_video(save_video(video.permute(0, 2, 3, 1), tmp_path / "a.mp4", 12))
+    assert frames.shape == (5, 3, 32, 48) and (frames - video).abs().mean() < 0.03
 
 
 @pytest.mark.parametrize(

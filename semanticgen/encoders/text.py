@@ -58,7 +58,6 @@ class HashTextEncoder(nn.Module):
         self.dim = dim
         self.max_len = max_len
         self.seed = int(seed)
-        self.device = torch.device(device)
         self._cache: dict[str, torch.Tensor] = {}
         pos = torch.arange(max_len, dtype=torch.float64)[:, None]
         freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
@@ -66,6 +65,12 @@ class HashTextEncoder(nn.Module):
         table[:, 0::2] = torch.sin(pos * freq)
         table[:, 1::2] = torch.cos(pos * freq)[:, : dim // 2]
         self.register_buffer("positions", (0.5 * table).float(), persistent=False)
+        self.to(device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where :meth:`encode` returns its tensors (follows ``.to(device)``)."""
+        return self.positions.device
 
     @staticmethod
     def tokenize(prompt: str) -> list[str]:
@@ -94,7 +99,7 @@ class HashTextEncoder(nn.Module):
             for i, token in enumerate(tokens):
                 emb[b, i] = self.token_embedding(token)
             mask[b, : len(tokens)] = True
-        emb[mask] += self.positions.expand(len(prompts), -1, -1)[mask]
+        emb[mask] += self.positions.cpu().expand(len(prompts), -1, -1)[mask]
         return emb.to(self.device), mask.to(self.device)
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

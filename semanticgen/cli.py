@@ -19,6 +19,13 @@ class UserError(Exception):
     """A mistake in what the user asked for; printed as one line."""
 
 
+def _console():
+    """A rich console; wide when the output is not a terminal, so piped tables are not cut."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -87,11 +94,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**info, "compiled_ops": compiled_ops, "swin_attention_backends": backends}, indent=2))
         return 0
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(title="semanticgen info", show_header=False)
     for key, value in info.items():
         table.add_row(key, escape(str(value)))
@@ -123,8 +129,6 @@ def _compiled_op_names() -> list[str]:
 
 # ----------------------------------------------------------------------------------------- bench
 def cmd_bench(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
     from semanticgen import bench
 
     device = args.device or bench.best_device()
@@ -136,7 +140,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif device != "cpu":
         raise UserError(f"--device must be 'cpu' or 'cuda', got {device!r}")
     suites = args.suite or list(bench.SUITES)
-    console = Console()
+    console = _console()
     console.print(f"semanticgen bench on [bold]{device}[/bold] ({'quick' if args.quick else 'full'} run)")
     results = bench.run_suites(suites, quick=args.quick, device=device, show_progress=not args.no_progress)
     bench.print_tables(results, console)
@@ -163,10 +167,9 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"arch": args.arch, "kernels": reports, "notes": notes}, indent=2))
         return 0 if reports else 1
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = _console()
     table = Table(title=f"compiled kernels for {args.arch}")
     cols = (
         "source",

@@ -18,6 +18,7 @@ from semanticgen.ops import flow as flow_ops
 
 __all__ = [
     "time_shift",
+    "resolution_shift",
     "sample_timesteps",
     "sampling_schedule",
     "flow_noising",
@@ -104,6 +105,21 @@ def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     if shift == 1:
         return t
     return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(num_tokens: int, *, base_tokens: int = 4096, base_shift: float = 1.0) -> float:
+    """Time shift for a sequence of ``num_tokens`` tokens: ``base_shift * sqrt(num_tokens / base_tokens)``.
+
+    SD3's rule: noising ``m`` times as many tokens to the same ``t`` leaves a signal-to-noise ratio that
+    corresponds, per token, to ``t`` shifted by ``sqrt(m)``. ``base_tokens`` is the size the schedule was tuned
+    for, ``base_shift`` the shift used there.
+    """
+    for name, value in (("num_tokens", num_tokens), ("base_tokens", base_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"resolution_shift: {name} must be a positive int, got {value!r}")
+    if not (isinstance(base_shift, (int, float)) and math.isfinite(base_shift) and base_shift > 0):
+        raise ValueError(f"resolution_shift: base_shift must be a positive finite float, got {base_shift!r}")
+    return float(base_shift) * math.sqrt(num_tokens / base_tokens)
 
 
 def sample_timesteps(

@@ -10,6 +10,7 @@ from semanticgen.rectified_flow import (
     flow_matching_loss,
     flow_noising,
     noise_augment,
+    resolution_shift,
     sample_timesteps,
     sampling_schedule,
     time_shift,
@@ -22,6 +23,14 @@ def test_time_shift_formula_and_fixed_points():
     assert time_shift(t, 1.0) is t
     with pytest.raises(ValueError, match="shift"):
         time_shift(t, 0.0)
+
+
+def test_resolution_shift():
+    assert resolution_shift(4096) == 1.0
+    assert resolution_shift(4 * 4096) == 2.0
+    assert resolution_shift(1024, base_tokens=256, base_shift=1.5) == 3.0
+    with pytest.raises(ValueError, match="num_tokens"):
+        resolution_shift(0)
 
 
 @pytest.mark.parametrize("kind", ["uniform", "logit_normal"])
@@ -191,3 +200,12 @@ def test_flow_matching_loss_gradient_matches_plain_torch(dtype):
     tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
     torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
     torch.testing.assert_close(v.grad.float(), v_ref.grad, rtol=tol, atol=tol)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import semanticgen.rectified_flow as rf
+
+    result = doctest.testmod(rf, extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0

@@ -29,7 +29,15 @@ from ._timing import NullProgress, measure_interleaved
 NUMEL = 1 << 24
 BATCH = 4
 GUIDANCE, DT, T = 5.0, -0.02, 0.3
-OPS = ("cfg_euler_step", "euler_step_", "flow_noising", "flow_matching_loss", "flow_matching_loss fwd+bwd")
+OPS = (
+    "cfg_euler_step",
+    "cfg_euler_step [B] tensors",
+    "euler_step_",
+    "flow_noising",
+    "flow_noising new outputs",
+    "flow_matching_loss",
+    "flow_matching_loss fwd+bwd",
+)
 
 
 def _dtypes(quick: bool) -> tuple[torch.dtype, ...]:
@@ -59,6 +67,18 @@ def _cases(dtype: torch.dtype, device: str):
     def expr_cfg(z, vc, vu, out):
         out.copy_(z + DT * (vu + GUIDANCE * (vc - vu)))
 
+    # Per-batch guidance and dt as device tensors (what a CUDA-graph-captured sampler passes).
+    g_b = torch.full((BATCH,), GUIDANCE, device=device)
+    dt_b = torch.full((BATCH,), DT, device=device)
+
+    def eager_cfg_b(z, vc, vu, g, dt, out):
+        g, dt = g.to(z.dtype)[:, None], dt.to(z.dtype)[:, None]
+        torch.add(z, dt * (vu + g * (vc - vu)), out=out)
+
+    def expr_cfg_b(z, vc, vu, g, dt, out):
+        g, dt = g.to(z.dtype)[:, None], dt.to(z.dtype)[:, None]
+        out.copy_(z + dt * (vu + g * (vc - vu)))
+
     def eager_euler(z, v):
         z.add_(v, alpha=DT)
 
@@ -72,6 +92,9 @@ def _cases(dtype: torch.dtype, device: str):
     def expr_noising(z0, eps, out_zt, out_u):
         out_zt.copy_((1 - T) * z0 + T * eps)
         out_u.copy_(eps - z0)
+
+    def new_noising(z0, eps):
+        return (1 - T) * z0 + T * eps, eps - z0
 
     def eager_loss(v, z0, eps):
         return torch.nn.functional.mse_loss(v.float(), (eps - z0).float())
@@ -94,6 +117,7 @@ def _cases(dtype: torch.dtype, device: str):
 
     compiled_cfg, compiled_euler = torch.compile(expr_cfg), torch.compile(expr_euler)
     compiled_noising = torch.compile(expr_noising)
+    compiled_cfg_b, compiled_new_noising = torch.compile(expr_cfg_b), torch.compile(new_noising)
     return (
         {
             "cfg_euler_step": (
@@ -102,6 +126,14 @@ def _cases(dtype: torch.dtype, device: str):
                     "fused": lambda: flow.cfg_euler_step(z, a, b, GUIDANCE, DT, out=out),
                     "eager": lambda: eager_cfg(z, a, b, out),
                     "compiled": lambda: compiled_cfg(z, a, b, out),
+                },
+            ),
+            "cfg_euler_step [B] tensors": (
+                4 * size,
+                {
+                    "fused": lambda: flow.cfg_euler_step(z, a, b, g_b, dt_b, out=out),
+                    "eager": lambda: eager_cfg_b(z, a, b, g_b, dt_b, out),
+                    "compiled": lambda: compiled_cfg_b(z, a, b, g_b, dt_b, out),
                 },
             ),
             # In place on `out` (refilled never: the values drift, the traffic does not).
@@ -116,10 +148,19 @@ def _cases(dtype: torch.dtype, device: str):
             "flow_noising": (
                 4 * size,
                 {
-                    # The op allocates its two outputs (it has no out=): that cost is part of its time.
-                    "fused": lambda: flow.flow_noising(z, a, T),
+                    "fused": lambda: flow.flow_noising(z, a, T, out=(out, out2)),
                     "eager": lambda: eager_noising(z, a, out, out2),
                     "compiled": lambda: compiled_noising(z, a, out, out2),
+                },
+            ),
+            # Fresh outputs every call, as in a training step with autograd. On CPU each fresh 64 MiB
+            # tensor is new memory from the OS, so page faults are part of every candidate's time.
+            "flow_noising new outputs": (
+                4 * size,
+                {
+                    "fused": lambda: flow.flow_noising(z, a, T),
+                    "eager": lambda: new_noising(z, a),
+                    "compiled": lambda: compiled_new_noising(z, a),
                 },
             ),
             "flow_matching_loss": (

@@ -105,6 +105,17 @@ def test_matches_transformers_processor_and_tower(checkpoint, reference_model, b
     assert (wrong - expected).abs().max() > 100 * TOL["atol"]
 
 
+def test_bfloat16_matches_transformers_in_bfloat16(checkpoint):
+    """Loading in bf16 keeps the RoPE frequencies in fp32 like transformers does; measured difference: 0."""
+    reference = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    enc = QwenVisionEncoder.from_pretrained(checkpoint, dtype="bfloat16")
+    assert enc.dtype == torch.bfloat16 and enc.model.rotary_pos_emb.inv_freq.dtype == torch.float32
+    frames = _frames(1, 4, 56, 84, seed=4)
+    out = enc.encode(frames.float() / 255.0)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, _reference(reference, frames, CUSTOM_MEAN, CUSTOM_STD))  # bf16 default tolerance
+
+
 def test_batch_chunking_gives_same_result(checkpoint):
     frames = _frames(3, 2, 56, 84, seed=1).float() / 255.0
     full = QwenVisionEncoder.from_pretrained(checkpoint).encode(frames)

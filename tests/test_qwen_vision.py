@@ -127,6 +127,8 @@ def test_default_normalisation_without_preprocessor_config(checkpoint, reference
     for name in ("config.json", "model.safetensors"):
         os.symlink(checkpoint / name, tmp_path / name)
     enc = QwenVisionEncoder.from_pretrained(tmp_path)
+    assert enc.normalisation_source == "default (OpenAI CLIP)"
+    assert QwenVisionEncoder.from_pretrained(checkpoint).normalisation_source == "video_preprocessor_config.json"
     frames = _frames(1, 2, 56, 84, seed=2)
     expected = _reference(reference_model, frames, list(CLIP_MEAN), list(CLIP_STD))
     torch.testing.assert_close(enc.encode(frames.float() / 255.0), expected, **TOL)

@@ -157,6 +157,7 @@ class QwenVisionEncoder(nn.Module):
         if batch_chunk is not None and (not isinstance(batch_chunk, int) or batch_chunk < 1):
             raise ValueError(f"QwenVisionEncoder: batch_chunk must be a positive int or None, got {batch_chunk!r}")
         self.batch_chunk = batch_chunk
+        self.normalisation_source = "given"  # or the preprocessor file it was read from (from_pretrained)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 1, 3, 1, 1), persistent=False)
 
@@ -208,8 +209,10 @@ class QwenVisionEncoder(nn.Module):
                 f"QwenVisionEncoder: checkpoint {path!r} does not match its vision_config: "
                 f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
             )
-        mean, std, _ = _read_normalisation(path)
-        return cls(model.to(device), mean=mean, std=std, batch_chunk=batch_chunk)
+        mean, std, source = _read_normalisation(path)
+        encoder = cls(model.to(device), mean=mean, std=std, batch_chunk=batch_chunk)
+        encoder.normalisation_source = source
+        return encoder
 
     @property
     def device(self) -> torch.device:

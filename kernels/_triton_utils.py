@@ -100,33 +100,25 @@ class ConfigTable:
     """Tile size and autotune configs of one kernel, per ``(arch class, padded head dim)``.
 
     ``entries[(arch, head_dim_pad)] = (tile, [default, alternatives...])``. Head dims not listed use
-    the next larger listed one (so 32 uses the 64 entry).
+    the next larger listed one (so 32 uses the 64 entry). ``fp32_entries[head_dim_pad]`` replaces
+    them for fp32 inputs on any GPU: full-precision fp32 dots run on FMA units with far larger
+    register tiles than bf16 MMAs (the bf16 tiles spilled kilobytes), so they need their own small tiles.
     """
 
     kernel: str
     tile_name: str
     entries: dict[tuple[str, int], tuple[int, tuple[KernelConfig, ...]]]
+    fp32_entries: dict[int, tuple[int, tuple[KernelConfig, ...]]] = dataclasses.field(default_factory=dict)
 
     def lookup(self, arch: str, head_dim_pad: int, *, fp32: bool = False) -> tuple[int, tuple[KernelConfig, ...]]:
-        """``(tile, configs)`` for an architecture class and padded head dim (fp32 needs twice the smem)."""
+        """``(tile, configs)`` for an architecture class, padded head dim and input precision."""
+        if fp32 and arch != "interpreter" and self.fp32_entries:
+            dims = sorted(self.fp32_entries)
+            return self.fp32_entries[next((d for d in dims if d >= head_dim_pad), dims[-1])]
         dims = sorted(d for a, d in self.entries if a == arch)
         if not dims:
             raise ValueError(f"{self.kernel}: no configs for architecture class {arch!r}")
-        dim = next((d for d in dims if d >= head_dim_pad), dims[-1])
-        tile, configs = self.entries[(arch, dim)]
-        if fp32 and arch != "interpreter":
-            # fp32 operands double shared memory: halve the tile and keep to two stages.
-            tile = min(tile, 64)
-            configs = tuple(
-                KernelConfig(
-                    tuple((k, min(v, 64)) for k, v in c.blocks),
-                    c.num_warps,
-                    min(c.num_stages, 2),
-                )
-                for c in configs
-            )
-            configs = tuple(dict.fromkeys(configs))
-        return tile, configs
+        return self.entries[(arch, next((d for d in dims if d >= head_dim_pad), dims[-1]))]
 
     def all_triton_configs(self) -> list[triton.Config]:
         """Every config of every arch (fp32 variants included), deduplicated: the autotuner's list.

@@ -54,6 +54,10 @@ DKDV_CONFIGS = ConfigTable(
         ("sm80", 128): (64, (_C(8, 2, BLOCK_M=64), _C(8, 2, BLOCK_M=32), _C(8, 3, BLOCK_M=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_M=32),)),
     },
+    fp32_entries={
+        64: (32, (_C(4, 2, BLOCK_M=16), _C(8, 1, BLOCK_M=32))),
+        128: (32, (_C(4, 2, BLOCK_M=16),)),
+    },
 )
 # dQ: tile BLOCK_M (query rows per program) fixed; inner key block BLOCK_N autotuned.
 DQ_CONFIGS = ConfigTable(
@@ -65,6 +69,10 @@ DQ_CONFIGS = ConfigTable(
         ("sm80", 64): (128, (_C(8, 2, BLOCK_N=32), _C(8, 3, BLOCK_N=32), _C(8, 1, BLOCK_N=64))),
         ("sm80", 128): (64, (_C(4, 2, BLOCK_N=32), _C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32), _C(8, 3, BLOCK_N=64))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
+    },
+    fp32_entries={
+        64: (32, (_C(4, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=32))),
+        128: (32, (_C(4, 2, BLOCK_N=16),)),
     },
 )
 

@@ -31,6 +31,10 @@ FWD_CONFIGS = ConfigTable(
         ("sm80", 128): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },
+    fp32_entries={
+        64: (32, (_C(4, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=32))),
+        128: (32, (_C(4, 2, BLOCK_N=16),)),
+    },
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -373,3 +374,15 @@ def test_docstring_examples_run(module):
     mod = importlib.import_module(f"semanticgen.models.{module}")
     result = doctest.testmod(mod, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("cls", [SemanticCompressor, SemanticGenerator, LatentGenerator], ids=lambda c: c.__name__)
+def test_models_hold_parameters_only_and_configs_round_trip(cls):
+    model = cls(cls.Config.tiny())
+    assert list(model.buffers()) == []  # nothing for FSDP to special-case, nothing stale in checkpoints
+    assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}
+    # Configs survive a JSON round trip (tuples come back as lists).
+    values = json.loads(json.dumps(dataclasses.asdict(model.config)))
+    rebuilt = cls(cls.Config(**values))
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.config == model.config == cls.Config.tiny()

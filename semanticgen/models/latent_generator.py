@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,7 @@ class LatentGenerator(nn.Module):
                 f"got {config.window}"
             )
         self.patch = patch
+        self.config = dataclasses.replace(config, patch=patch)  # a list from JSON/TOML becomes the tuple it means
         self.head_dim = config.hidden // config.heads
         patch_features = config.in_channels * patch[0] * patch[1] * patch[2]
         self.x_embed = nn.Linear(patch_features, config.hidden)

@@ -67,6 +67,15 @@ def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, json.loads(raw)
 
 
+def read_export_meta(path: str | Path) -> dict[str, Any]:
+    """Only the metadata of an export (no tensors are read)."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(META_KEY)
+    if raw is None:
+        raise ValueError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")
+    return json.loads(raw)
+
+
 def model_configs(models: dict[str, nn.Module]) -> dict[str, dict[str, Any]]:
     return {name: dataclasses.asdict(m.config) for name, m in models.items()}
 

@@ -89,3 +89,23 @@ def build_pipeline_from_run(
         latent_shape=tuple(shapes["latents"]),
         noise_level=noise_level,
     )
+
+
+def run_video_fps(run_dir: str | Path) -> float:
+    """Frame rate of the VAE stream the run was trained on (``data.vae_fps``): the rate to save its videos at."""
+    return float(run_meta(run_dir)["config"]["data"]["vae_fps"])
+
+
+def run_meta(run_dir: str | Path) -> dict[str, Any]:
+    """Metadata (config, model configs, shapes) of a run directory or export file, without loading weights."""
+    from .checkpoint import latest_checkpoint
+    from .export import read_export_meta
+
+    path = Path(run_dir)
+    for candidate in (path, path / "model.safetensors", path / "semantic.safetensors", path / "latent.safetensors"):
+        if candidate.is_file():
+            return read_export_meta(candidate)
+    ckpt = latest_checkpoint(path / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no export and no complete checkpoint")
+    return ckpt.meta

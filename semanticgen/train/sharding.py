@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from .config import ParallelConfig
+
+# FSDP2 warns when a non-root unit (a generator) returns a view, because an in-place op on it would skip the
+# pre-backward hook. The stages only read generator outputs out of place (in the loss), so the warning is noise.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
 def mixed_precision_policy(setting: str, device: torch.device) -> MixedPrecisionPolicy:
@@ -35,9 +42,10 @@ def _wrap_block(block: nn.Module, parallel: ParallelConfig) -> nn.Module:
 def shard_model(model: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, device: torch.device) -> nn.Module:
     """Shard ``model`` in place and return it.
 
-    Every submodule that has a ``.blocks`` ``nn.ModuleList`` gets ``fully_shard`` on each block; ``model`` itself is
-    sharded last, so the parameters outside any block (embeddings, heads, small models such as the compressor) form
-    the root group, gathered once per forward. Parameters are moved to ``device`` first.
+    Units, innermost first: every block of every submodule's ``.blocks`` ``nn.ModuleList``; then every direct child
+    of ``model`` that holds parameters (the generators, the compressor), so their embeddings and heads form one
+    group each and FSDP casts their floating inputs to the policy's parameter dtype; then ``model`` itself.
+    Parameters are moved to ``device`` first.
     """
     mp = mixed_precision_policy(parallel.mixed_precision, device)
     model.to(device)
@@ -49,7 +57,12 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, de
             # The last block's parameters are needed again at once by the backward pass: keep them unsharded.
             reshard = parallel.reshard_after_forward and i < len(owner.blocks) - 1
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=parallel.reshard_after_forward)
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh, mp_policy=mp, reshard_after_forward=parallel.reshard_after_forward)
+    # The root receives the data batch: keep it in fp32 (latents, noise targets); the children cast what they get.
+    root_mp = dataclasses.replace(mp, cast_forward_inputs=False)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=parallel.reshard_after_forward)
     return model
 
 

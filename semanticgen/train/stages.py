@@ -190,7 +190,7 @@ class LatentStage(_Stage):
         eps, t = self._noise_and_time(x0, ids)
         x_t, _ = flow_noising(x0, eps, t)
         v = self.latent_generator(x_t, t, text, mask, z_sem)
-        fm = flow_matching_loss(v, x0, eps)
+        fm = flow_matching_loss(v.float(), x0, eps)  # loss in fp32 whatever the parameter dtype
         kl = comp.kl.float()
         loss = fm + self.cfg.kl_weight * kl
         pt, ph, pw = self.latent_generator.config.patch
@@ -213,10 +213,11 @@ class SemanticStage(_Stage):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["sample_id"]
         with torch.no_grad():
-            x0 = self.compressor.encode_mean(batch["sem_features"]).float()  # [B, Ts, Ss, dim]
+            # forward (not encode_mean) so FSDP gathers the compressor and casts its input; z = mean with sample=False
+            x0 = self.compressor(batch["sem_features"], sample=False).mean.float()  # [B, Ts, Ss, dim]
         text, mask = self._text(batch, ids)
         eps, t = self._noise_and_time(x0, ids)
         x_t, _ = flow_noising(x0, eps, t)
         v = self.semantic_generator(x_t, t, text, mask)
-        fm = flow_matching_loss(v, x0, eps)
+        fm = flow_matching_loss(v.float(), x0, eps)  # loss in fp32 whatever the parameter dtype
         return fm, {"flow_loss": fm.detach(), "tokens": torch.tensor(float(x0[..., 0].numel()))}

@@ -386,3 +386,20 @@ def test_models_hold_parameters_only_and_configs_round_trip(cls):
     rebuilt = cls(cls.Config(**values))
     rebuilt.load_state_dict(model.state_dict())
     assert rebuilt.config == model.config == cls.Config.tiny()
+
+
+def test_dit_block_benchmark_flop_model():
+    from semanticgen.benchmarks.dit_block import TW, Case, block_flops
+
+    # One window covering the clip on both parities: windowed and full attention do the same FLOPs.
+    one = Case(64, 2, vae_frames=TW // 2, vae_tokens_per_frame=16, rows=4, sem_frames=1, sem_tokens_per_frame=4)
+    assert block_flops(one, "swin") == block_flops(one, "full")
+    # Eight windows: self-attention FLOPs drop 8x on unshifted layers and a little more on shifted ones (seven
+    # full windows and two half windows: sum of L^2 is 7.5 L^2 instead of 8 L^2); the matmuls do not change.
+    many = Case(64, 2, vae_frames=8 * TW, vae_tokens_per_frame=16, rows=4, sem_frames=8, sem_tokens_per_frame=4)
+    (lin_s, attn_s), (lin_f, attn_f) = block_flops(many, "swin"), block_flops(many, "full")
+    assert lin_s == lin_f
+    n, c, text = many.layout.num_tokens, 64, 64
+    cross = 4 * n * (text + 1) * c
+    assert attn_f - cross == 4 * n * n * c
+    assert 8.0 <= (attn_f - cross) / (attn_s - cross) <= 64 / 7.5

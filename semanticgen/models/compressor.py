@@ -42,8 +42,9 @@ class SemanticCompressor(nn.Module):
 
     ``LayerNorm(in_dim) -> [Linear -> GELU] x depth -> Linear(hidden, 2 * dim)`` gives mean and
     log-variance; :meth:`forward` samples with the reparameterisation trick and returns the KL term that
-    is trained jointly with the stage-2 loss. The input LayerNorm matters: vision-tower features reach
-    magnitudes of hundreds, which would saturate an un-normalised MLP at initialisation.
+    is trained jointly with the stage-2 loss. The input LayerNorm makes the MLP independent of the feature
+    scale of the encoder checkpoint (vision-tower outputs are not normalised), which would otherwise set the
+    initial KL and sample scale.
 
     Example:
         >>> comp = SemanticCompressor(SemanticCompressor.Config(in_dim=32, dim=8, hidden=64))

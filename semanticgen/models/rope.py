@@ -92,7 +92,8 @@ def rope_tables(positions: torch.Tensor, head_dim: int, *, theta: float = 10000.
     for axis, dim in enumerate(rope_axis_dims(head_dim)):
         freqs = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=positions.device) / dim)
         angles.append(positions[:, axis, None].double() * freqs[None])
-    # fp64 angles: at p_t ~ 1e3 a float32 product loses ~1e-4 rad, visible as drift between equal positions.
+    # fp64 angles: in float32, p * f near p = 1000 resolves only to one ulp (6e-5 rad); fp64 keeps them exact to
+    # ~1e-13 at any clip length for N * D / 2 values, negligible next to the attention.
     ang = torch.cat(angles, dim=-1)
     return torch.cos(ang).float(), torch.sin(ang).float()
 

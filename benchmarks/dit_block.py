@@ -148,14 +148,22 @@ def steps(quick: bool = False) -> int:
     return 2 * len(QUICK_CASES if quick else FULL_CASES)
 
 
+def skip_reason(device: str) -> str | None:
+    """Why the benchmark cannot run on ``device`` here (``None`` if it can)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "no CUDA device visible"
+    return None
+
+
 def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
     """Benchmark rows: one per case, pass (``fwd``, ``fwd+bwd``) and attention (``full``, ``swin``).
 
     ``progress`` is any object with ``advance(label)`` (called once per timed pass), or ``None``.
     Returns no rows when ``device`` is a CUDA device and none is visible.
     """
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print("dit_block: no CUDA device visible; nothing to run on", device)
+    reason = skip_reason(device)
+    if reason is not None:
+        print(f"dit_block: {reason}; nothing to run on {device}")
         return []
     dtype = torch.float32 if device.startswith("cpu") else torch.bfloat16
     progress = progress or NullProgress()

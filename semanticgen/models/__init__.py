@@ -13,6 +13,7 @@ from .attention import CrossAttention, SelfAttention
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .compressor import CompressorOutput, SemanticCompressor, gaussian_kl
 from .embeddings import TextProjection, TimestepEmbedder, patchify, sinusoidal_embedding, unpatchify
+from .init import init_weights
 from .latent_generator import LatentGenerator
 from .rope import apply_rope, grid_positions, rope_axis_dims, rope_tables, token_grid
 from .semantic_generator import SemanticGenerator
@@ -38,4 +39,5 @@ __all__ = [
     "rope_axis_dims",
     "grid_positions",
     "token_grid",
+    "init_weights",
 ]

@@ -93,10 +93,15 @@ class CrossAttention(nn.Module):
         self.head_dim = hidden // heads
         self.q = nn.Linear(hidden, hidden)
         self.kv = nn.Linear(hidden, 2 * hidden)
-        self.null_kv = nn.Parameter(torch.randn(2, hidden) * 0.02)
+        self.null_kv = nn.Parameter(torch.empty(2, hidden))
         self.q_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = HeadRMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden, hidden)
+        self._init_special()
+
+    @torch.no_grad()
+    def _init_special(self) -> None:
+        nn.init.normal_(self.null_kv, std=0.02)  # the scale of a projected text token at initialisation
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """``x [B, N, C]``, ``text [B, L, C]``, ``text_mask [B, L]`` bool (True = real token) -> ``[B, N, C]``."""

@@ -17,6 +17,7 @@ from torch import nn
 from semanticgen.ops import WindowLayout
 
 from .attention import CrossAttention, SelfAttention
+from .init import init_weights
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,10 @@ class TimestepModulation(nn.Module):
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self._init_special()
+
+    @torch.no_grad()
+    def _init_special(self) -> None:
         nn.init.zeros_(self.proj[1].weight)
         nn.init.zeros_(self.proj[1].bias)
 
@@ -67,6 +72,15 @@ class DiTBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(c, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, c))
         # Learned offsets added to the shared timestep modulation: rows shift/scale/gate (attention), then MLP.
         self.modulation = nn.Parameter(torch.zeros(6, c))
+        self._init_special()
+
+    def init_weights(self) -> None:
+        """Re-initialise every parameter of the block (see :func:`~semanticgen.models.init_weights`)."""
+        init_weights(self)
+
+    @torch.no_grad()
+    def _init_special(self) -> None:
+        nn.init.zeros_(self.modulation)
         nn.init.zeros_(self.cross.proj.weight)
         nn.init.zeros_(self.cross.proj.bias)
 
@@ -109,6 +123,10 @@ class FinalLayer(nn.Module):
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
         self.linear = nn.Linear(hidden, out_features)
+        self._init_special()
+
+    @torch.no_grad()
+    def _init_special(self) -> None:
         for layer in (self.modulation[1], self.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)

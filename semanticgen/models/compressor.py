@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ._validation import check_tensor
+from .init import init_weights
 
 
 class CompressorOutput(NamedTuple):
@@ -82,6 +83,10 @@ class SemanticCompressor(nn.Module):
             width = config.hidden
         layers.append(nn.Linear(width, 2 * config.dim))
         self.mlp = nn.Sequential(*layers)
+
+    def init_weights(self) -> None:
+        """Re-initialise every parameter (e.g. after ``to_empty`` on a model built on the meta device)."""
+        init_weights(self)
 
     def _moments(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_tensor("SemanticCompressor: features", features, 4, "[B, Ts, Ss, in_dim]")

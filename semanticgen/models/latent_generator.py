@@ -13,6 +13,7 @@ from semanticgen.ops import WindowLayout
 from ._validation import check_conditioning, check_tensor
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder, patchify, unpatchify
+from .init import init_weights
 from .rope import grid_positions, rope_tables, token_grid
 
 ATTENTION_MODES = ("full", "swin")
@@ -113,6 +114,10 @@ class LatentGenerator(nn.Module):
         self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
         self.final = FinalLayer(config.hidden, patch_features)
         self._layouts: dict[tuple[int, int, int, int], WindowLayout] = {}
+
+    def init_weights(self) -> None:
+        """Re-initialise every parameter (e.g. after ``to_empty`` on a model built on the meta device)."""
+        init_weights(self)
 
     def window_layout(self, vae_frames: int, vae_tokens: int, sem_frames: int, sem_tokens: int) -> WindowLayout:
         """The (cached) :class:`WindowLayout` of a sequence shape; its index maps are reused across calls.

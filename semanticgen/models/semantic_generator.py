@@ -10,6 +10,7 @@ from torch import nn
 from ._validation import check_conditioning, check_tensor
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder
+from .init import init_weights
 from .rope import grid_positions, rope_tables, token_grid
 
 
@@ -62,6 +63,10 @@ class SemanticGenerator(nn.Module):
         block_cfg = DiTBlock.Config(config.hidden, config.heads, config.mlp_ratio, config.qk_norm)
         self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
         self.final = FinalLayer(config.hidden, config.dim)
+
+    def init_weights(self) -> None:
+        """Re-initialise every parameter (e.g. after ``to_empty`` on a model built on the meta device)."""
+        init_weights(self)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Predict the flow velocity.

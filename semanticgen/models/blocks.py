@@ -3,7 +3,7 @@
 Timestep conditioning follows adaLN-single (PixArt-alpha; also Wan 2.1): one :class:`TimestepModulation`
 per model maps the timestep embedding to six ``[B, C]`` vectors (shift, scale, gate for attention and for
 the MLP), and every block adds its own learned ``[6, C]`` table. Per-block ``Linear(C, 6C)`` projections
-(DiT's adaLN-Zero) would cost ``6 C^2`` parameters a block: 425M of a 1.5B-parameter 30-block model at
+(DiT's adaLN-Zero) would cost ``6 C^2`` parameters a block: 425M of a 1.6B-parameter 30-block model at
 ``C = 1536``; PixArt-alpha reports comparable quality with the shared form.
 """
 

@@ -33,13 +33,13 @@ def test_loss_goes_down(tmp_path):
     run_train(
         2,
         run_dir,
-        "--set=latent.steps=40",
+        "--set=latent.steps=30",
         "--set=semantic.steps=0",
         "--set=stage=latent",
         "--set=latent.optim.lr=3e-3",
     )
     recs = metrics(run_dir)
-    assert [r["step"] for r in recs] == list(range(1, 41))
+    assert [r["step"] for r in recs] == list(range(1, 31))
     for key in ("loss", "flow_loss", "kl", "lr", "grad_norm", "tokens_per_s", "peak_memory_mb"):
         assert all(isinstance(r[key], float) for r in recs), key
     first = sum(r["loss"] for r in recs[:5]) / 5
@@ -192,3 +192,17 @@ def test_pipeline_from_run_generates_video(straight_run):
     for name, model in models.items():
         for key, value in model.state_dict().items():
             assert torch.equal(value, tensors[f"{name}.{key}"]), (name, key)
+
+
+def test_latent_then_semantic_runs_equal_one_both_run(straight_run, tmp_path):
+    """``stage = "latent"`` then ``stage = "semantic"`` into one run directory continue the global step numbering and
+    give the losses of the single ``both`` run; starting over in a directory with checkpoints is refused."""
+    run_dir = tmp_path / "run"
+    run_train(2, run_dir, *STEPS, "--save-every=2", "--set=stage=latent")
+    with pytest.raises(AssertionError, match="already holds checkpoints up to step 4"):
+        run_train(1, run_dir, *STEPS, "--set=stage=latent")
+    run_train(2, run_dir, *STEPS, "--save-every=2", "--set=stage=semantic")
+    ref, got = losses(straight_run), losses(run_dir)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])

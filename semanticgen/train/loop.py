@@ -20,10 +20,25 @@ from torch import nn
 
 from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
 
-from .checkpoint import CheckpointInfo, TrainState, load_checkpoint, resolve_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointInfo,
+    TrainState,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, init_distributed
-from .export import STAGE_MODULES, export_run, full_state_dict, model_configs, read_export, write_safetensors
+from .export import (
+    STAGE_MODULES,
+    export_run,
+    full_state_dict,
+    model_configs,
+    read_export,
+    read_export_meta,
+    write_safetensors,
+)
 from .metrics import MetricsWriter, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .sharding import set_gradient_sync, shard_model
@@ -41,8 +56,15 @@ class StageSpan:
     end: int
 
 
-def stage_spans(cfg: TrainConfig) -> list[StageSpan]:
+def stage_spans(cfg: TrainConfig, run_dir: Path | None = None) -> list[StageSpan]:
+    """Global step ranges of the configured stages.
+
+    ``stage = "semantic"`` alone continues the numbering of a latent stage trained into the same run directory
+    (read from ``RUN_DIR/latent.safetensors``), so ``latent`` then ``semantic`` runs equal one ``both`` run.
+    """
     spans, step = [], 0
+    if cfg.stage == "semantic" and run_dir is not None and (run_dir / "latent.safetensors").is_file():
+        step = int(read_export_meta(run_dir / "latent.safetensors").get("step") or 0)
     for name in cfg.stage_list():
         steps = getattr(cfg, name).steps
         spans.append(StageSpan(name, step, step + steps))
@@ -218,6 +240,18 @@ def _batch_shapes(batch: dict[str, Any], stage: nn.Module) -> dict[str, list[int
     }
 
 
+def _check_shard_encoders(used: dict, configured: dict) -> None:
+    """Inference rebuilds the VAE and text encoder from ``[encoders]``: they must be the ones the shards used."""
+    for name in ("vae", "semantic", "text"):
+        a, b = used.get(name, {}), configured.get(name, {})
+        for key in sorted(set(a) | set(b)):
+            if key not in ("device", "dtype", "batch_chunk") and a.get(key) != b.get(key):
+                raise ValueError(
+                    f"the shards were encoded with encoders.{name}.{key} = {a.get(key)!r} but the config says "
+                    f"{b.get(key)!r}; use the [encoders] the shards were written with"
+                )
+
+
 def train(
     cfg: TrainConfig, *, run_dir: str | Path, stop_step: int | None = None, resume: str | bool | None = None
 ) -> int:
@@ -228,7 +262,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     barrier()
-    spans = stage_spans(cfg)
+    spans = stage_spans(cfg, run_dir)
     total = spans[-1].end
     stop = total if stop_step is None else min(stop_step, total)
 
@@ -240,13 +274,23 @@ def train(
         except FileNotFoundError:
             if resume is not True:
                 raise
-            resume_info = None  # --resume on a fresh run directory starts from scratch
+            # --resume on a run directory without checkpoints starts from scratch (convenient for requeued jobs).
+            if info.is_main:
+                logger.info("--resume: no complete checkpoint in %s yet, starting from scratch", run_dir)
         resume_info = broadcast_object(resume_info)
+    else:
+        later = [c.step for c in list_checkpoints(run_dir / "checkpoints") if c.step > spans[0].begin]
+        if later:
+            raise ValueError(
+                f"{run_dir} already holds checkpoints up to step {max(later)}: pass --resume to continue that run, "
+                "or use a new --run-dir"
+            )
 
     encoders = None
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     if isinstance(dataset, ShardDataset):
         widths = DataWidths.from_shapes(dataset.shapes)
+        _check_shard_encoders(dataset.encoders, cfg.encoders)
         null = dataset.null_text()
         if null is None:
             raise FileNotFoundError(f"{dataset.root}: null_text.safetensors missing; re-run preencode")
@@ -256,11 +300,14 @@ def train(
         null = encoders.null_text(torch.device("cpu"))
     null = (null[0].to(info.device), null[1].to(info.device))
 
-    metrics = MetricsWriter(run_dir / "metrics.jsonl", info.is_main, resume_step=resume_info.step if resume_info else 0)
+    keep_until = resume_info.step if resume_info else spans[0].begin
+    metrics = MetricsWriter(run_dir / "metrics.jsonl", info.is_main, resume_step=keep_until)
     ctx = RunContext(cfg, run_dir, info, encoders, dataset, widths, null, metrics, stop)
     t_start = time.perf_counter()
     try:
         for span in spans:
+            if span.end == span.begin:
+                continue  # a stage with 0 steps
             if stop <= span.begin:
                 break
             stage_resume = None

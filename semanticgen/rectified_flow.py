@@ -175,6 +175,8 @@ def flow_noising(z0: torch.Tensor, eps: torch.Tensor, t: Scalar) -> tuple[torch.
     if z0.shape != eps.shape:
         raise ValueError(f"flow_noising: z0 {tuple(z0.shape)} and eps {tuple(eps.shape)} must have the same shape")
     _check_scalar_or_batch("flow_noising: t", t, z0.shape[0])
+    if isinstance(t, torch.Tensor):
+        t = t.to(z0.device)  # timesteps drawn on the host (per-sample generators) follow the data
     return _flow_noising(z0, eps, t)
 
 
@@ -211,6 +213,8 @@ def noise_augment(z_sem: torch.Tensor, level: Scalar, *, generator: torch.Genera
             raise ValueError(f"noise_augment: level must be in [0, 1], got {level}")
         if level == 0:
             return z_sem
+    else:
+        level = level.to(z_sem.device)
     eps = torch.randn(z_sem.shape, generator=generator, device=z_sem.device, dtype=z_sem.dtype)
     return _flow_noising(z_sem, eps, level)[0]
 

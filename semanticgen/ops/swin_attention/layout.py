@@ -21,7 +21,6 @@ index map (:meth:`WindowLayout.index_map`) built from it.
 from __future__ import annotations
 
 import dataclasses
-import threading
 from typing import NamedTuple
 
 import torch
@@ -89,9 +88,6 @@ class WindowLayout:
     window: int
     # Per-(parity, device) index maps, built once; excluded from equality and hashing.
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
-    _lock: threading.Lock = dataclasses.field(
-        default_factory=threading.Lock, init=False, repr=False, compare=False, hash=False
-    )
 
     def __post_init__(self) -> None:
         _check_int("vae_frames", self.vae_frames, 1)
@@ -182,19 +178,17 @@ class WindowLayout:
         cached = self._cache.get(key)
         if cached is not None:
             return cached
-        with self._lock:
-            cached = self._cache.get(key)
-            if cached is not None:
-                return cached
-            segs = self.segments(shifted)
-            perm = torch.cat(
-                [torch.cat([torch.arange(s.vae_start, s.vae_end), torch.arange(s.sem_start, s.sem_end)]) for s in segs]
-            ).to(torch.int32)
-            lengths = torch.tensor([0] + [s.length for s in segs], dtype=torch.int64)
-            cu_seqlens = torch.cumsum(lengths, 0).to(torch.int32)
-            result = WindowIndexMap(perm.to(device), cu_seqlens.to(device), max(s.length for s in segs))
-            self._cache[key] = result
-            return result
+        # No lock: two threads racing here build equal maps and one store wins, which is harmless;
+        # a lock would also make layouts impossible to build inside a torch.compile graph.
+        segs = self.segments(shifted)
+        perm = torch.cat(
+            [torch.cat([torch.arange(s.vae_start, s.vae_end), torch.arange(s.sem_start, s.sem_end)]) for s in segs]
+        ).to(torch.int32)
+        lengths = torch.tensor([0] + [s.length for s in segs], dtype=torch.int64)
+        cu_seqlens = torch.cumsum(lengths, 0).to(torch.int32)
+        result = WindowIndexMap(perm.to(device), cu_seqlens.to(device), max(s.length for s in segs))
+        self._cache[key] = result
+        return result
 
     # ---------------------------------------------------------------------------------- FLOPs
     def attention_flops(self, head_dim: int, num_heads: int = 1, batch: int = 1, shifted: bool = False) -> int:

@@ -26,14 +26,14 @@ FWD_CONFIGS = ConfigTable(
     tile_name="BLOCK_M",
     entries={
         ("sm90", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 3, BLOCK_N=64), _C(8, 4, BLOCK_N=128), _C(4, 4, BLOCK_N=32))),
-        ("sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64), _C(8, 2, BLOCK_N=128), _C(4, 3, BLOCK_N=32))),
-        ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 4, BLOCK_N=32), _C(8, 2, BLOCK_N=128))),
+        ("sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64), _C(4, 3, BLOCK_N=32))),
+        ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 4, BLOCK_N=32), _C(8, 2, BLOCK_N=32))),
         ("sm80", 128): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },
     fp32_entries={
-        64: (32, (_C(4, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=32))),
-        128: (32, (_C(4, 2, BLOCK_N=16),)),
+        64: (32, (_C(8, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=32))),
+        128: (32, (_C(8, 2, BLOCK_N=16),)),
     },
 )
 

@@ -83,3 +83,17 @@ def test_all_triton_kernels_compile_and_defaults_do_not_spill(arch):
     assert {(r["kernel"], r["head_dim"]) for r in defaults} == {(k, d) for k in kernels for d in (64, 128)}
     spilling = [f"{r['kernel']} D={r['head_dim']} {r['config']}" for r in defaults if r["spill_store_bytes"]]
     assert not spilling, f"default configs spill on {arch}: {spilling}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_fp32_and_fp16_defaults_do_not_spill(arch):
+    """fp32 runs full-precision dots on FMA units with its own small tiles; fp16 shares bf16's configs."""
+    _ptxas_or_skip()
+    from semanticgen.kernel_report.triton_report import triton_kernel_reports
+
+    rows = triton_kernel_reports(arch, dtypes=("fp32", "fp16"), head_dims=(80, 128), defaults_only=True)
+    assert {r["dtype"] for r in rows} == {"fp32", "fp16"} and all(r["default"] for r in rows)
+    spilling = [f"{r['kernel']} {r['dtype']} D={r['head_dim']}" for r in rows if r["spill_store_bytes"]]
+    assert not spilling, f"default configs spill on {arch}: {spilling}"
+    assert all(r["shared_bytes"] <= r["shared_limit_bytes"] for r in rows)

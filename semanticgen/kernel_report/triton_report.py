@@ -161,6 +161,7 @@ def triton_kernel_reports(
     *,
     head_dims: Iterable[int] = (64, 128),
     dtypes: Iterable[str] = ("bf16",),
+    defaults_only: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Compile every Triton kernel and shipped config for ``arch`` and read its resources with ``ptxas -v``.
@@ -169,6 +170,7 @@ def triton_kernel_reports(
         arch: ``"sm_90a"`` (H100 class) or ``"sm_80"`` (A100 class); see :func:`parse_arch`.
         head_dims: head dimensions to compile for (default 64 and 128).
         dtypes: input dtypes, ``"bf16"``, ``"fp16"``, ``"fp32"`` (default bf16).
+        defaults_only: compile only the default config of each kernel (the one used without autotuning).
         progress: called with a short message before each compile.
 
     Returns:
@@ -196,7 +198,7 @@ def triton_kernel_reports(
         for dtype in dtype_names:
             for head_dim in head_dims:
                 tile, configs = spec.table.lookup(table_arch, padded_head_dim(head_dim), fp32=dtype == "fp32")
-                for position, config in enumerate(configs):
+                for position, config in enumerate(configs[:1] if defaults_only else configs):
                     label = f"{spec.table.tile_name}={tile},{config.label()}"
                     if progress is not None:
                         progress(f"{spec.name} {ptx_arch} {dtype} D={head_dim} {label}")

@@ -34,6 +34,7 @@ __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "triton_unavailable", "swin_atten
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 128
+MAX_GRID_Y = 65535  # programs along grid axis 1 (batch * heads)
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 if _TRITON_FOUND:
@@ -303,7 +304,7 @@ def swin_attention_triton(
     """Backend function: ``[B, N, H, D]`` in and out, caller token order (inputs checked by the interface).
 
     Raises:
-        ValueError: head dim above :data:`MAX_HEAD_DIM`.
+        ValueError: head dim above :data:`MAX_HEAD_DIM`, or ``B * H`` above :data:`MAX_GRID_Y`.
         TypeError: dtype not in :data:`SUPPORTED_DTYPES`.
     """
     head_dim = q.shape[-1]
@@ -311,6 +312,11 @@ def swin_attention_triton(
         raise ValueError(
             f"swin_attention(backend='triton'): head dim must be <= {MAX_HEAD_DIM}, got D={head_dim}; "
             "use backend='reference' for larger heads"
+        )
+    if q.shape[0] * q.shape[2] > MAX_GRID_Y:
+        raise ValueError(
+            f"swin_attention(backend='triton'): batch * heads must be <= {MAX_GRID_Y} (the CUDA grid's "
+            f"y limit), got {q.shape[0]} * {q.shape[2]}"
         )
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(

@@ -62,18 +62,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s"
     )
-    from .config import load_config
+    from .config import UsageError
+
+    try:
+        return _train(args)
+    except UsageError as e:
+        # Configuration and run-directory mistakes: one line naming the problem, not a traceback from every rank.
+        print(f"semanticgen.train: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import UsageError, load_config
 
     overrides = list(args.set)
     if args.save_every is not None:
         overrides.append(f"checkpoint.save_every={args.save_every}")
     if args.no_progress:
         overrides.append("log.progress=false")
-    cfg = load_config(args.config, overrides)
+    try:
+        cfg = load_config(args.config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from e
     if args.run_dir is not None:
         cfg.run_dir = args.run_dir
     if args.steps is not None and args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+        raise UsageError(f"--steps must be >= 0, got {args.steps}")
 
     from .distributed import shutdown_distributed
     from .loop import train

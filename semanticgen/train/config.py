@@ -27,6 +27,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
 STAGES = ("latent", "semantic", "both")
 
 
+class UsageError(ValueError):
+    """A mistake in the config, the command line or the run directory (reported without a traceback)."""
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warm-up then cosine (or constant) decay to ``min_lr_ratio * lr``."""

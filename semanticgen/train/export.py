@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,9 @@ def load_stage_checkpoint_weights(ckpt_path: str | Path, modules: dict[str, nn.M
     """
     sd = {f"{name}.{k}": v for name, m in modules.items() for k, v in m.state_dict().items()}
     state = {"train": {"model": sd}}
-    dcp.load(state, checkpoint_id=str(ckpt_path), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=r".*assuming the intent is to load in a single process")
+        dcp.load(state, checkpoint_id=str(ckpt_path), no_dist=True)
     return {k: v.detach().float().cpu() for k, v in state["train"]["model"].items()}
 
 

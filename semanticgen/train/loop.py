@@ -28,7 +28,7 @@ from .checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, UsageError
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, init_distributed
 from .export import (
     STAGE_MODULES,
@@ -105,7 +105,7 @@ def _load_compressor_from_latent_stage(ctx: RunContext, compressor: nn.Module) -
     """The semantic stage's frozen compressor: from ``RUN_DIR/latent.safetensors``."""
     path = ctx.run_dir / "latent.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"the semantic stage needs the trained compressor from the latent stage: {path} not found "
             "(train with stage = 'both', or train stage 'latent' into this run directory first)"
         )
@@ -246,7 +246,7 @@ def _check_shard_encoders(used: dict, configured: dict) -> None:
         a, b = used.get(name, {}), configured.get(name, {})
         for key in sorted(set(a) | set(b)):
             if key not in ("device", "dtype", "batch_chunk") and a.get(key) != b.get(key):
-                raise ValueError(
+                raise UsageError(
                     f"the shards were encoded with encoders.{name}.{key} = {a.get(key)!r} but the config says "
                     f"{b.get(key)!r}; use the [encoders] the shards were written with"
                 )
@@ -271,9 +271,9 @@ def train(
         where = run_dir if resume is True else Path(resume)
         try:
             resume_info = resolve_checkpoint(where)
-        except FileNotFoundError:
+        except FileNotFoundError as e:
             if resume is not True:
-                raise
+                raise UsageError(f"--resume {resume}: {e}") from e
             # --resume on a run directory without checkpoints starts from scratch (convenient for requeued jobs).
             if info.is_main:
                 logger.info("--resume: no complete checkpoint in %s yet, starting from scratch", run_dir)
@@ -281,7 +281,7 @@ def train(
     else:
         later = [c.step for c in list_checkpoints(run_dir / "checkpoints") if c.step > spans[0].begin]
         if later:
-            raise ValueError(
+            raise UsageError(
                 f"{run_dir} already holds checkpoints up to step {max(later)}: pass --resume to continue that run, "
                 "or use a new --run-dir"
             )

@@ -33,7 +33,7 @@ FWD_CONFIGS = ConfigTable(
     },
     fp32_entries={
         64: (32, (_C(8, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=32))),
-        128: (32, (_C(8, 2, BLOCK_N=16),)),
+        128: (32, (_C(8, 1, BLOCK_N=16),)),
     },
 )
 

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include "flow_args.h"
 #include "flow_math.h"
@@ -79,6 +80,18 @@ struct LossGradOp {
 
 // ----------------------------------------------------------------------------- elementwise kernel
 
+// Element j of a pack: widen to fp32, apply the op, round once into the output packs.
+template <typename Op, typename PackT, int NIN, int NOUT>
+__device__ __forceinline__ void apply_element(const PackT (&in)[NIN], PackT (&out)[NOUT], int j, float a, float b) {
+  using scalar_t = std::remove_cv_t<std::remove_reference_t<decltype(in[0].v[0])>>;
+  float x[NIN], y[NOUT];
+#pragma unroll
+  for (int k = 0; k < NIN; ++k) x[k] = static_cast<float>(in[k].v[j]);
+  Op::apply(x, a, b, y);
+#pragma unroll
+  for (int k = 0; k < NOUT; ++k) out[k].v[j] = static_cast<scalar_t>(y[k]);
+}
+
 template <typename scalar_t, typename Op, bool kPacked>
 __global__ void __launch_bounds__(kThreads)
     map_kernel(Pointers<scalar_t, Op::kIn, Op::kOut> p, int64_t n, int64_t inner, fm::FlowScalar s0,
@@ -94,22 +107,31 @@ __global__ void __launch_bounds__(kThreads)
     P in[Op::kIn];
 #pragma unroll
     for (int k = 0; k < Op::kIn; ++k) in[k] = reinterpret_cast<const P*>(p.in[k])[q];
-    P out[Op::kOut];
+    // One 64-bit division per pack: a pack lies inside one batch entry unless it straddles a boundary
+    // (possible only when inner % kVec != 0); only then is each element's entry computed on its own.
+    float pa = a0, pb = b0;
+    bool straddles = false;
+    const int64_t first = q * kVec;
+    if (per_batch) {
+      const int64_t batch = first / inner;
+      straddles = first - batch * inner + kVec > inner;
+      pa = s0.at_batch(batch);
+      pb = s1.at_batch(batch);
+    }
+    float sa[kVec], sb[kVec];
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
-      float a = a0, b = b0;
-      if (per_batch) {
-        const int64_t batch = (q * kVec + j) / inner;
-        a = s0.at_batch(batch);
-        b = s1.at_batch(batch);
+      sa[j] = pa;
+      sb[j] = pb;
+      if (straddles) {
+        const int64_t batch = (first + j) / inner;
+        sa[j] = s0.at_batch(batch);
+        sb[j] = s1.at_batch(batch);
       }
-      float x[Op::kIn], y[Op::kOut];
-#pragma unroll
-      for (int k = 0; k < Op::kIn; ++k) x[k] = static_cast<float>(in[k].v[j]);
-      Op::apply(x, a, b, y);
-#pragma unroll
-      for (int k = 0; k < Op::kOut; ++k) out[k].v[j] = static_cast<scalar_t>(y[k]);
     }
+    P out[Op::kOut];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) apply_element<Op>(in, out, j, sa[j], sb[j]);
 #pragma unroll
     for (int k = 0; k < Op::kOut; ++k) reinterpret_cast<P*>(p.out[k])[q] = out[k];
   }

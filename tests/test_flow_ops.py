@@ -281,6 +281,10 @@ def test_bad_inputs_raise_clear_errors():
         flow.flow_noising(z, z, torch.rand(4, 2))
     with pytest.raises(ValueError, match="guidance"):
         flow.cfg_euler_step(z, z, z, torch.ones(3), 0.1)
+    with pytest.raises(ValueError, match="v is on meta, expected z's device cpu"):
+        flow.euler_step(z, torch.empty(4, 10, device="meta"), 0.1)
+    with pytest.raises(ValueError, match="tensor dt is on meta"):
+        flow.euler_step(z, z, torch.empty(4, device="meta"))
     with pytest.raises(ValueError, match="out must match the inputs"):
         flow.euler_step(z, z, 0.1, out=torch.empty(4, 9))
     v = torch.randn(4, 10)
@@ -419,7 +423,8 @@ def test_opcheck(sample):
     torch.library.opcheck(op, args)
 
 
-def test_torch_compile_fullgraph_sampler_and_loss():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph_sampler_and_loss(backend):
     def sample(z, v_cond, v_uncond, ts, guidance):
         dts = ts[1:] - ts[:-1]
         for i in range(ts.shape[0] - 1):
@@ -433,12 +438,12 @@ def test_torch_compile_fullgraph_sampler_and_loss():
 
     z, vc, vu = torch.randn(2, 3, 37), torch.randn(2, 3, 37), torch.randn(2, 3, 37)
     ts, guidance = torch.linspace(1, 0, 5), torch.tensor([2.0, 5.0])
-    compiled = torch.compile(sample, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(sample, fullgraph=True, backend=backend)
     torch.testing.assert_close(compiled(z.clone(), vc, vu, ts, guidance), sample(z.clone(), vc, vu, ts, guidance))
 
     z0, eps, t = torch.randn(2, 3, 37), torch.randn(2, 3, 37), torch.rand(2)
     w1, w2 = torch.ones((), requires_grad=True), torch.ones((), requires_grad=True)
-    loss_c = torch.compile(train_step, fullgraph=True, backend="aot_eager")(z0, eps, t, w1)
+    loss_c = torch.compile(train_step, fullgraph=True, backend=backend)(z0, eps, t, w1)
     loss_e = train_step(z0, eps, t, w2)
     torch.testing.assert_close(loss_c, loss_e)
     loss_c.backward()

@@ -50,8 +50,9 @@ def run_train(nproc: int, run_dir: Path, *extra: str, config: Path = TINY, timeo
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         err = proc.stderr
+        usage = "\n".join(line for line in err.splitlines() if "semanticgen.train: error:" in line)
         first = err.find("Traceback")  # the failing rank's own traceback, before torchrun's summary
-        shown = err[first : first + 6000] if first >= 0 else err[-6000:]
+        shown = usage + "\n" + (err[first : first + 6000] if first >= 0 else err[-6000:])
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{shown}")
 
 

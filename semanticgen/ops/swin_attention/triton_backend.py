@@ -2,7 +2,7 @@
 
 Layers (kernels in ``semanticgen.kernels.swin_attention_fwd`` / ``swin_attention_bwd``):
 
-* :func:`_launch_fwd` / :func:`_launch_bwd` check nothing and allocate outputs; they launch the
+* :func:`_launch_fwd` / :func:`_launch_bwd` allocate outputs (inputs are checked by the interface) and launch the
   kernels on ``[B, N, H, D]`` tensors with their own strides, through the layout's window-major
   index map (``perm``, ``cu_seqlens``) and tile tables, so no permuted copy is made.
 * Ops ``semanticgen::swin_attention_triton_fwd(q, k, v, perm, cu_seqlens, fwd_tiles, dq_tiles,
@@ -38,6 +38,8 @@ MAX_GRID_Y = 65535  # programs along grid axis 1 (batch * heads)
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 if _TRITON_FOUND:
+    from torch.library import wrap_triton  # passes interpreted kernels through unwrapped
+
     from semanticgen.kernels._triton_utils import device_arch_class, interpreter_enabled, padded_head_dim
     from semanticgen.kernels.swin_attention_bwd import (
         DKDV_CONFIGS,
@@ -50,13 +52,6 @@ if _TRITON_FOUND:
     from semanticgen.kernels.swin_attention_fwd import FWD_CONFIGS, LOG2E, swin_attn_fwd_kernel_tuned
 
     _INTERPRET = interpreter_enabled()
-    if _INTERPRET:
-
-        def wrap_triton(kernel):  # interpreted kernels are launched directly
-            return kernel
-
-    else:
-        from torch.library import wrap_triton
 else:  # pragma: no cover - triton ships with CUDA builds of torch
     _INTERPRET = False
 
@@ -146,7 +141,7 @@ def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_ti
     arch = device_arch_class(q.device)
     delta = torch.empty((batch, heads, num_tokens), dtype=torch.float32, device=q.device)
     pre_block, (pre_cfg, *_) = PREPROCESS_CONFIGS.lookup(arch, block_d)
-    wrap_triton(swin_attn_bwd_preprocess_kernel)[(triton_cdiv(num_tokens, pre_block), batch * heads)](
+    wrap_triton(swin_attn_bwd_preprocess_kernel)[(_cdiv(num_tokens, pre_block), batch * heads)](
         out,
         grad_out,
         delta,
@@ -216,7 +211,7 @@ def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_ti
     return dq, dk, dv
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 

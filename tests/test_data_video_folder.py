@@ -82,6 +82,11 @@ def test_unreadable_videos_are_skipped_and_counted(folder, caplog):
     assert item["path"].endswith("clip.mp4") and item["skipped"] == 2
     assert ds.num_skipped == 2
     assert sum("skipping unreadable video" in r.message for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="semanticgen.data.video_folder"):
+        again = ds[3]  # empty.mp4 is known bad now: skipped without a second warning
+    assert again["path"].endswith("clip.mp4") and again["skipped"] == 1 and ds.num_skipped == 3
+    assert not caplog.records
 
 
 def test_nothing_decodable_is_a_clear_error(tmp_path):

@@ -10,8 +10,9 @@ encoder. The decoded frame shown at each timestamp is taken (nearest earlier pre
 frame rate works; a video shorter than the span repeats its last frame. Frames are resized (shorter side) and
 centre-cropped to ``height x width``.
 
-A video that cannot be opened or decoded is skipped with a logged warning: the item falls through to the next
-index, and ``num_skipped`` / the item's ``skipped`` field count how often that happened.
+A video that cannot be opened or decoded is skipped with a logged warning (once per file and process; it is not
+decoded again): the item falls through to the next index, and ``num_skipped`` / the item's ``skipped`` field count
+how often that happened.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class VideoFolder(Dataset):
         if not self.items:
             raise ValueError(f"VideoFolder: no captioned videos ({', '.join(VIDEO_SUFFIXES)}) under {self.root}")
         self.num_skipped = 0
+        self._bad: set[int] = set()  # indices that failed to decode in this process
 
     def __len__(self) -> int:
         return len(self.items)
@@ -157,11 +159,16 @@ class VideoFolder(Dataset):
         skipped = 0
         for attempt in range(len(self.items)):
             i = (index + attempt) % len(self.items)
+            if i in self._bad:  # failed before in this process: do not decode it again
+                skipped += 1
+                self.num_skipped += 1
+                continue
             try:
                 item = self._load(i)
             except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable video", never a crash
                 skipped += 1
                 self.num_skipped += 1
+                self._bad.add(i)
                 logger.warning(
                     "VideoFolder: skipping unreadable video %s (%s: %s); %d skipped so far in this process",
                     self.items[i][0],

@@ -175,7 +175,7 @@ def triton_kernel_reports(
 
     Returns:
         One dict per (kernel, head dim, config): ``kernel``, ``config`` (str: tile, blocks, warps,
-        stages), ``default`` (bool: the config used without autotuning), ``arch``, ``dtype``,
+        stages, ``(default)`` marked), ``default`` (bool: the config used without autotuning), ``arch``, ``dtype``,
         ``head_dim``, ``registers`` (per thread), ``spill_store_bytes``, ``spill_load_bytes``,
         ``shared_bytes`` (Triton's dynamic plus ptxas' static shared memory per block),
         ``shared_limit_bytes``, ``source`` (``"triton"``).
@@ -199,7 +199,7 @@ def triton_kernel_reports(
             for head_dim in head_dims:
                 tile, configs = spec.table.lookup(table_arch, padded_head_dim(head_dim), fp32=dtype == "fp32")
                 for position, config in enumerate(configs[:1] if defaults_only else configs):
-                    label = f"{spec.table.tile_name}={tile},{config.label()}"
+                    label = f"{spec.table.tile_name}={tile},{config.label()}" + (" (default)" if position == 0 else "")
                     if progress is not None:
                         progress(f"{spec.name} {ptx_arch} {dtype} D={head_dim} {label}")
                     compiled = _compile(spec, cc, dtype, head_dim, tile, config, spec.table.tile_name)
@@ -229,7 +229,6 @@ if __name__ == "__main__":  # python -m semanticgen.kernel_report.triton_report 
 
     for row in triton_kernel_reports(sys.argv[1] if len(sys.argv) > 1 else "sm_90a"):
         print(
-            f"{row['kernel']:26s} D={row['head_dim']:<4d} {row['config']:44s} regs={row['registers']:<4d} "
+            f"{row['kernel']:26s} D={row['head_dim']:<4d} {row['config']:54s} regs={row['registers']:<4d} "
             f"spill={row['spill_store_bytes']}/{row['spill_load_bytes']} smem={row['shared_bytes']}"
-            f"{' (default)' if row['default'] else ''}"
         )

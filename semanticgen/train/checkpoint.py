@@ -147,8 +147,9 @@ def save_checkpoint(
     tmp = root / f".tmp-{step_dir_name(step)}"
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # leftover of a crashed save of the same step
-            shutil.rmtree(tmp)
+        # Leftovers of a crash during a save or a delete: never loadable, only taking space.
+        for stale in [*root.glob(".tmp-step_*"), *root.glob(".del-step_*")]:
+            shutil.rmtree(stale, ignore_errors=True)
     barrier()
     state = _state(train_state, rank, world)
     # DCP merges the ranks' save plans: shared tensors are written once, each rank's own RNG key by that rank.

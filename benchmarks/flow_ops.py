@@ -48,9 +48,13 @@ def steps(quick: bool) -> int:
     return len(OPS) * len(_dtypes(quick))
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+def skip_reason(device: str) -> str | None:
+    """Why the suite cannot run on ``device`` (None when it can)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "no CUDA device is available"
+    if not flow.extension_available():
+        return "semanticgen._C is not built (pip install --no-build-isolation -e .)"
+    return None
 
 
 def _cases(dtype: torch.dtype, device: str):
@@ -224,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="float32 only, 5 repeats")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if reason := skip_reason(args.device):
+        parser.error(f"cannot run on {args.device}: {reason}")
 
     class _Print:
         def advance(self, label: str = "") -> None:

@@ -69,7 +69,12 @@ def _worker() -> dict:
 
     torch.empty = poisoned_empty
 
-    from semanticgen.ops.swin_attention import WindowLayout, available_backends, swin_attention
+    from semanticgen.ops.swin_attention import (
+        WindowLayout,
+        available_backends,
+        swin_attention,
+        swin_attention_reference,
+    )
     from semanticgen.ops.swin_attention import triton_backend as tb
 
     results: dict = {"cases": {}}
@@ -92,6 +97,15 @@ def _worker() -> dict:
     fn = lambda q, k, v: swin_attention(q, k, v, layout, shifted=True, scale=0.3, backend="triton")  # noqa: E731
     results["non_contiguous"] = _errors(layout, True, q, k, v, fn, scale=0.3)
     results["inputs_were_non_contiguous"] = not (q.is_contiguous() or k.is_contiguous() or v.is_contiguous())
+
+    # A stride-0 gradient (what ``out.sum().backward()`` hands the op) is read through its strides.
+    layout = WindowLayout(5, 6, 2, 3, 2)
+    q, k, v = (torch.randn(1, layout.num_tokens, 2, 32, requires_grad=True) for _ in range(3))
+    out = swin_attention(q, k, v, layout, shifted=True, backend="triton")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    exact_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    exact = torch.autograd.grad(swin_attention_reference(*exact_in, layout, shifted=True).sum(), exact_in)
+    results["expanded_grad_error"] = max((a.double() - e).abs().max().item() for a, e in zip(grads, exact))
 
     # The saved log-sum-exp, against logsumexp of the fp64 window-masked scores.
     layout = WindowLayout(5, 6, 2, 3, 2)
@@ -145,6 +159,9 @@ def _worker() -> dict:
     q, k, v = (torch.randn(1, small.num_tokens, 1, 16, requires_grad=True) for _ in range(3))
     try:
         torch.library.opcheck(tb.fwd_op, (q, k, v, index.perm, index.cu_seqlens, *tiles, 0.25, 32, 32, 32))
+        out, lse = tb.fwd_op(q, k, v, index.perm, index.cu_seqlens, *tiles, 0.25, 32, 32, 32)
+        bwd_args = (torch.randn_like(out), *(t.detach() for t in (q, k, v, out, lse)), index.perm, index.cu_seqlens)
+        torch.library.opcheck(tb.bwd_op, (*bwd_args, tiles[1], tiles[2], 0.25, 32, 32))
         results["opcheck"] = "ok"
     except Exception as exc:  # reported to the parent, which fails the test with the message
         results["opcheck"] = f"{type(exc).__name__}: {exc}"
@@ -202,6 +219,10 @@ def test_saved_lse_is_the_windowed_logsumexp(interpreted):
     assert interpreted["lse_shape"] == [1, 2, 36]  # [B, H, N], caller order
     assert interpreted["lse_dtype"] == "torch.float32"
     assert interpreted["lse_error"] < 1e-5
+
+
+def test_stride_zero_gradient(interpreted):
+    assert interpreted["expanded_grad_error"] < 1e-5
 
 
 def test_backward_is_deterministic(interpreted):

@@ -8,6 +8,7 @@ fixed text, including the multi-target output of ``nvcc -Xptxas -v``.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from semanticgen.kernel_report.ptxas import PtxasError, find_ptxas, parse_ptxas_verbose
 from semanticgen.kernel_report.triton_report import parse_arch
@@ -97,3 +98,31 @@ def test_fp32_and_fp16_defaults_do_not_spill(arch):
     spilling = [f"{r['kernel']} {r['dtype']} D={r['head_dim']}" for r in rows if r["spill_store_bytes"]]
     assert not spilling, f"default configs spill on {arch}: {spilling}"
     assert all(r["shared_bytes"] <= r["shared_limit_bytes"] for r in rows)
+
+
+class _CudaTensorStub:
+    """What the pruner reads from ``Q``: a CUDA device and a 2-byte element (bf16)."""
+
+    device = torch.device("cuda")
+
+    def element_size(self) -> int:
+        return 2
+
+
+def _key(config) -> tuple:
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+@pytest.mark.parametrize(("capability", "arch"), [((8, 0), "sm80"), ((9, 0), "sm90")])
+def test_autotuner_prunes_to_the_devices_configs(monkeypatch, capability, arch):
+    """The autotuner holds every arch's configs; a launch keeps only its device's list (default first)."""
+    from semanticgen.kernels import swin_attention_fwd as fwd
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    tuner = fwd.swin_attn_fwd_kernel_tuned
+    expected = fwd.FWD_CONFIGS.lookup(arch, 128)[1]
+    kept = tuner.early_config_prune(tuner.configs, {"Q": _CudaTensorStub()}, BLOCK_D=128)
+    assert sorted(_key(c) for c in kept) == sorted(c.key() for c in expected)
+    monkeypatch.setenv("SEMANTICGEN_TRITON_AUTOTUNE", "0")
+    (only,) = tuner.early_config_prune(tuner.configs, {"Q": _CudaTensorStub()}, BLOCK_D=128)
+    assert _key(only) == expected[0].key()

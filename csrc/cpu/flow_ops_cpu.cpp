@@ -52,7 +52,23 @@ void map_elements(int64_t n, int64_t inner, const std::array<const scalar_t*, NI
       const float b = s1.at_batch(batch);
       const Vec va(a), vb(b);
       if constexpr (std::is_same_v<scalar_t, float>) {
-        for (; i + Vec::size() <= seg_end; i += Vec::size()) {
+        // Two vectors per iteration, as the 16-bit path does: all loads of both issue before
+        // the first store.
+        constexpr int64_t W = Vec::size();
+        for (; i + 2 * W <= seg_end; i += 2 * W) {
+          std::array<Vec, NIN> x0, x1;
+          for (size_t k = 0; k < NIN; ++k) {
+            x0[k] = Vec::loadu(in[k] + i);
+            x1[k] = Vec::loadu(in[k] + i + W);
+          }
+          const std::array<Vec, NOUT> y0 = fn(x0, va, vb);
+          const std::array<Vec, NOUT> y1 = fn(x1, va, vb);
+          for (size_t k = 0; k < NOUT; ++k) {
+            y0[k].store(out[k] + i);
+            y1[k].store(out[k] + i + W);
+          }
+        }
+        for (; i + W <= seg_end; i += W) {
           std::array<Vec, NIN> x;
           for (size_t k = 0; k < NIN; ++k) x[k] = Vec::loadu(in[k] + i);
           const std::array<Vec, NOUT> y = fn(x, va, vb);

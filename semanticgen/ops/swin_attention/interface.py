@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -37,6 +40,25 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 KNOWN_BACKENDS = ("reference", "cpu", "triton", "cuda")
+# Backends whose modules register themselves on import, loaded only when something may need them:
+# importing the Triton backend pulls in triton and torch's higher-order ops (1-3 s), which plain CPU
+# users never need.
+_LAZY_BACKEND_MODULES = {"triton": "semanticgen.ops.swin_attention.triton_backend"}
+
+
+def _load_lazy_backends() -> None:
+    for name, module in list(_LAZY_BACKEND_MODULES.items()):
+        if name not in _BACKENDS:
+            # Without triton the backend stays unregistered and reports "not implemented in this build".
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+        _LAZY_BACKEND_MODULES.pop(name, None)
+
+
+def _may_need_lazy(name: str | None, device: torch.device) -> bool:
+    if name is not None:
+        return name in _LAZY_BACKEND_MODULES
+    return device.type != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def register_backend(backend: Backend) -> None:
@@ -48,6 +70,7 @@ def register_backend(backend: Backend) -> None:
 
 def available_backends(device: torch.device | str | None = None) -> dict[str, str | None]:
     """Every known backend name -> ``None`` if usable (on ``device`` when given) or the reason it is not."""
+    _load_lazy_backends()
     device_type = None if device is None else torch.device(device).type
     report: dict[str, str | None] = {}
     for name in KNOWN_BACKENDS:
@@ -63,6 +86,8 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
 
 
 def _select_backend(name: str | None, device: torch.device) -> Backend:
+    if _LAZY_BACKEND_MODULES and _may_need_lazy(name, device):
+        _load_lazy_backends()
     if name is None:
         candidates = [
             b

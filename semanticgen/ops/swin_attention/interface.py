@@ -40,6 +40,11 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 KNOWN_BACKENDS = ("reference", "cpu", "triton", "cuda")
+# Why a known name has no implementation registered.
+_MISSING_REASON = {
+    "cuda": "no CUDA C++ attention kernel in this release: CUDA tensors use backend='triton'",
+    "triton": "triton is not installed",
+}
 # Backends whose modules register themselves on import, loaded only when something may need them:
 # importing the Triton backend pulls in triton and torch's higher-order ops (1-3 s), which plain CPU
 # users never need.
@@ -49,7 +54,7 @@ _LAZY_BACKEND_MODULES = {"triton": "semanticgen.ops.swin_attention.triton_backen
 def _load_lazy_backends() -> None:
     for name, module in list(_LAZY_BACKEND_MODULES.items()):
         if name not in _BACKENDS:
-            # Without triton the backend stays unregistered and reports "not implemented in this build".
+            # Without triton the backend stays unregistered and reports why (_MISSING_REASON).
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
         _LAZY_BACKEND_MODULES.pop(name, None)
@@ -76,7 +81,7 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
     for name in KNOWN_BACKENDS:
         backend = _BACKENDS.get(name)
         if backend is None:
-            report[name] = "not implemented in this build"
+            report[name] = _MISSING_REASON.get(name, "not registered")
             continue
         reason = backend.unavailable()
         if reason is None and device_type is not None and device_type not in backend.devices:
@@ -102,7 +107,7 @@ def _select_backend(name: str | None, device: torch.device) -> Backend:
     if name not in KNOWN_BACKENDS:
         raise ValueError(f"swin_attention: unknown backend {name!r}; expected one of {KNOWN_BACKENDS} or None")
     backend = _BACKENDS.get(name)
-    reason = "not implemented in this build" if backend is None else backend.unavailable()
+    reason = _MISSING_REASON.get(name, "not registered") if backend is None else backend.unavailable()
     if reason is not None:
         raise ValueError(f"swin_attention: backend {name!r} is unavailable: {reason}")
     if device.type not in backend.devices:

@@ -83,3 +83,24 @@ def test_train_from_shards_without_torchrun(shard_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
     assert (run_dir / "model.safetensors").is_file()
+
+
+def test_preencode_video_folder_keeps_each_readable_video_once(tmp_path):
+    from semanticgen.data import SyntheticShapes
+    from semanticgen.video import save_video
+
+    root = tmp_path / "videos"
+    shapes = SyntheticShapes(3, height=32, width=32, vae_frames=60, vae_fps=24.0, sem_frames=1)
+    for i in range(3):
+        save_video(shapes.render(i, torch.arange(60, dtype=torch.float64) / 24.0), root / f"v{i}.mp4", fps=24.0)
+        (root / f"v{i}.txt").write_text(shapes.caption(i))
+    (root / "v1b_broken.mp4").write_bytes(b"not a video")  # sorts between v1 and v2
+    (root / "v1b_broken.txt").write_text("broken")
+    out = tmp_path / "shards"
+    args = [str(TINY), "--out", str(out), "--batch-size", "2", "--no-progress"]
+    overrides = ["--set", "data.kind=video_folder", "--set", f"data.path={json.dumps(str(root))}"]
+    overrides += ["--set", "data.vae_fps=24.0"]
+    assert preencode_main([*args, *overrides]) == 0
+    ds = ShardDataset(out)
+    assert len(ds) == 3  # the broken file's slot is filled by v2.mp4, which is kept once
+    assert sorted(ds[i]["caption"] for i in range(3)) == sorted(shapes.caption(i) for i in range(3))

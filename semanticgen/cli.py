@@ -160,10 +160,10 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     ):
         try:
             module = __import__(module_name, fromlist=[func_name])
-        except ImportError as exc:
+            reports += getattr(module, func_name)(args.arch)
+        except (ImportError, FileNotFoundError) as exc:
+            # e.g. triton missing, or nvcc / the CUDA sources absent (CudaReportUnavailable).
             notes.append(f"{source} kernels: report unavailable ({exc})")
-            continue
-        reports += getattr(module, func_name)(args.arch)
     if args.json:
         print(json.dumps({"arch": args.arch, "kernels": reports, "notes": notes}, indent=2))
         return 0 if reports else 1

@@ -108,9 +108,12 @@ def find_nvcc() -> str:
 
 
 def _torch_include_dirs(nvcc: str) -> list[str]:
-    from torch.utils import cpp_extension
+    import torch
 
-    dirs = list(cpp_extension.include_paths())  # torch's own headers (no device probing)
+    # torch's own header folders (what cpp_extension.include_paths() lists; importing cpp_extension
+    # would guess a CUDA_HOME and warn about it).
+    torch_include = Path(torch.__file__).resolve().parent / "include"
+    dirs = [str(torch_include), str(torch_include / "torch" / "csrc" / "api" / "include")]
     toolkit_include = Path(nvcc).resolve().parents[1] / "include"
     if toolkit_include.is_dir():
         dirs.append(str(toolkit_include))

@@ -218,15 +218,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run_dir = Path(args.checkpoint)
     if not run_dir.exists():
         raise UserError(f"--checkpoint: no such run directory or file: {run_dir}")
-    from semanticgen.train.inference import build_pipeline_from_run
+    from semanticgen.train.inference import build_pipeline_from_run, run_video_fps
     from semanticgen.video import save_video
 
     pipeline = build_pipeline_from_run(run_dir)
+    fps = args.fps if args.fps is not None else run_video_fps(run_dir)
     frames = pipeline([args.prompt], steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_video(frames[0], out, fps=args.fps)
-    print(f"wrote {out} ({frames.shape[1]} frames, {frames.shape[-1]}x{frames.shape[-2]}, {args.fps:g} fps)")
+    save_video(frames[0], out, fps=fps)
+    print(f"wrote {out} ({frames.shape[1]} frames, {frames.shape[-1]}x{frames.shape[-2]}, {fps:g} fps)")
     return 0
 
 
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=20, help="Euler steps per stage (default: %(default)s)")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=_positive_float, default=24.0)
+    p.add_argument("--fps", type=_positive_float, help="frame rate of the mp4 (default: the run's VAE-stream fps)")
     p.set_defaults(func=cmd_generate)
     return parser
 

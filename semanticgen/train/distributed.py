@@ -76,12 +76,12 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average a dict of per-rank scalars over all ranks (same keys on every rank)."""
+def all_reduce_mean(values: dict[str, float | torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Average a dict of per-rank scalars (floats or 0-d tensors) over all ranks (same keys on every rank)."""
     if not values:
         return {}
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()

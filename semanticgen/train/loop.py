@@ -169,7 +169,8 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
     skipped_total = 0
     while step < end:
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
+        # Device tensors, read once per step: no host sync between micro-batches.
+        sums: dict[str, torch.Tensor] = {}
         tokens = 0.0
         for micro in range(accum):
             batch = _prepare(ctx, next(stream))
@@ -179,12 +180,12 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
             set_gradient_sync(stage, micro == accum - 1)
             loss, parts = stage(batch)
             (loss / accum).backward()
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / accum
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach().double() / accum
             for k, v in parts.items():
                 if k == "tokens":
-                    tokens += float(v)
+                    tokens += float(v)  # a CPU tensor: no sync
                 else:
-                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+                    sums[k] = sums.get(k, 0.0) + v.detach().to(info.device, torch.float64) / accum
         grad_norm = clip_grad_norm(params, stage_cfg.optim.grad_clip)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()

@@ -170,7 +170,7 @@ class SemanticGenPipeline:
             def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 if on_step is not None and text is cond:
                     on_step()
-                return model(z.to(dtype), t.to(dtype), text[0].to(dtype), text[1])
+                return model(z.to(dtype), t, text[0].to(dtype), text[1])
 
             return fn
 
@@ -205,7 +205,7 @@ class SemanticGenPipeline:
             def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 if on_step is not None and text is cond:
                     on_step()
-                return model(x.to(dtype), t.to(dtype), text[0].to(dtype), text[1], z_sem_in)
+                return model(x.to(dtype), t, text[0].to(dtype), text[1], z_sem_in)
 
             return fn
 

@@ -122,7 +122,16 @@ def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
     rows = []
     for tv in QUICK_TV if quick else SWEEP_TV:
         rows += _bench_case(tv, quick, device, progress)
+    _add_growth(rows)
     return rows
+
+
+def _add_growth(rows: list[dict]) -> None:
+    """``time_vs_half_n``: time at N over time at N/2 (same impl and pass); ~2 is linear, ~4 quadratic."""
+    by_key = {(r["impl"], r["pass"], r["tokens"]): r["ms"] for r in rows}
+    for r in rows:
+        half = by_key.get((r["impl"], r["pass"], r["tokens"] // 2))
+        r["time_vs_half_n"] = r["ms"] / half if half else None
 
 
 def steps(quick: bool = False) -> int:

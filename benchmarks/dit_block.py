@@ -48,7 +48,6 @@ class Case:
 # Semantic tokens ~1/16 of the VAE tokens per unit of time, as in the paper (Ts = Tv / 4, Ss = Sv / 4).
 QUICK_CASES = (Case(256, 4, 8, 64, 8, 2, 16),)
 FULL_CASES = (
-    Case(512, 8, 8, 128, 8, 2, 32),
     Case(512, 8, 16, 128, 8, 4, 32),
     Case(512, 8, 32, 128, 8, 8, 32),
 )

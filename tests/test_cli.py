@@ -1,0 +1,78 @@
+"""The semanticgen command line: outputs, files written, and one-line errors for user mistakes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+import types
+
+import pytest
+
+from semanticgen import bench
+from semanticgen.cli import main
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "semanticgen.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["extension semanticgen._C"] == "loaded"
+    assert info["swin_attention_backends"]["cpu"]["cpu"] == "available"
+    assert "CPU" in info["compiled_ops"]["cfg_euler_step"]
+
+
+def test_plan_json_matches_layout_maths(capsys):
+    assert main(["plan", "--seconds", "60", "--height", "480", "--width", "832", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    text = json.dumps(plan)
+    assert "561600" in text  # 360 latent frames x 1,560 tokens
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["plan", "--seconds", "-1", "--height", "480", "--width", "832"], "positive"),
+        (["generate", "--checkpoint", "/nonexistent/run", "--prompt", "x"], "no such run directory"),
+        (["bench", "--suite", "nope"], "invalid choice"),
+        (["train", "/nonexistent/config.toml"], "config"),
+    ],
+    ids=["plan-negative", "generate-missing-run", "bench-unknown-suite", "train-missing-config"],
+)
+def test_user_errors_are_one_line_without_traceback(args, needle):
+    proc = _run_cli(*args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert needle in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_bench_writes_json_csv_and_plot(tmp_path, monkeypatch):
+    rows = [
+        {"suite": "attention", "impl": impl, "pass": p, "tokens": n, "ms": ms}
+        for impl, scale in (("swin_attention", 1.0), ("sdpa_full", 3.0))
+        for p in ("fwd", "fwd+bwd")
+        for n, ms in ((1024, 1.0 * scale), (2048, 2.0 * scale * (2 if impl == "sdpa_full" else 1)))
+    ]
+    fake = types.SimpleNamespace(run=lambda quick, device, progress: [dict(r) for r in rows], steps=lambda quick: 1)
+    skipping = types.SimpleNamespace(run=lambda **_: [], skip_reason=lambda device: "needs a GPU")
+    modules = {"swin_attention_cpu": fake, "swin_attention_gpu": skipping}
+    monkeypatch.setattr(bench, "_load_suite", lambda name: modules[name])
+    assert (
+        main(["bench", "--suite", "attention", "--suite", "attention-gpu", "--out", str(tmp_path), "--no-progress"])
+        == 0
+    )
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["rows"] == rows
+    assert payload["skipped"] == {"attention-gpu": "needs a GPU"}
+    env = payload["environment"]
+    for key in ("timestamp", "cpu", "torch", "triton", "git_commit", "device"):
+        assert key in env
+    with open(tmp_path / "results.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    png = (tmp_path / "attention_scaling.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

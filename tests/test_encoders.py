@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,6 +75,61 @@ def test_pixel_vae_rejects_integer_video_and_bad_latents():
         PixelVAE().encode(torch.zeros(1, 9, 3, 32, 48, dtype=torch.uint8))
     with pytest.raises(ValueError, match="latents"):
         PixelVAE().decode(torch.zeros(1, 3, 2, 4, 4))
+
+
+def test_pixel_vae_latent_normalisation_scales_encode_and_inverts_in_decode():
+    """Per-channel ``(pooled - mean) / std`` on encode, computed here from an unnormalised VAE; decode undoes it."""
+    video = _video(2, 9, 16, 24)
+    mean, std = [-0.7, 0.05, -0.02, 0.24], [0.2, 0.095, 0.1, 0.175]
+    plain = PixelVAE(spatial_factor=8)
+    normed = PixelVAE(spatial_factor=8, latents_mean=mean, latents_std=std)
+    z = normed.encode(video)
+    expected = (plain.encode(video) - torch.tensor(mean).view(1, 4, 1, 1, 1)) / torch.tensor(std).view(1, 4, 1, 1, 1)
+    torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normed.decode(z), plain.decode(plain.encode(video)), atol=1e-5, rtol=0)
+    # One float applies to every channel.
+    scalar = PixelVAE(spatial_factor=8, latents_mean=0.5, latents_std=0.25)
+    torch.testing.assert_close(scalar.encode(video), (plain.encode(video) - 0.5) * 4.0, atol=1e-5, rtol=1e-5)
+
+
+def test_pixel_vae_normalised_latents_of_synthetic_clips_are_unit_scale():
+    """The statistics set in configs/tiny.toml bring the synthetic shapes' latents to about zero mean, unit std."""
+    from semanticgen.data.synthetic import SyntheticShapes
+    from semanticgen.train.config import read_config_file
+
+    cfg = read_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
+    data = cfg["data"]
+    ds = SyntheticShapes(
+        128,
+        height=data["height"],
+        width=data["width"],
+        vae_frames=data["vae_frames"],
+        vae_fps=data["vae_fps"],
+        seed=cfg["seed"],
+    )
+    vae = build_vae(cfg["encoders"]["vae"])
+    z = torch.cat([vae.encode(ds[i]["vae_video"][None]) for i in range(len(ds))])
+    per_channel_mean, per_channel_std = z.mean(dim=(0, 2, 3, 4)), z.std(dim=(0, 2, 3, 4))
+    assert per_channel_mean.abs().max() < 0.2, per_channel_mean
+    assert ((per_channel_std > 0.8) & (per_channel_std < 1.25)).all(), per_channel_std
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"latents_std": 0.0}, ValueError, "latents_std must be positive finite"),
+        ({"latents_std": [1.0, 1.0, -1.0, 1.0]}, ValueError, "latents_std must be positive finite"),
+        ({"latents_mean": float("nan")}, ValueError, "latents_mean must be finite"),
+        ({"latents_mean": [0.0, 0.0, 0.0]}, ValueError, "4 floats \\(one per latent channel\\), got \\[0.0"),
+        ({"latents_std": [1.0, 1.0, True, 1.0]}, ValueError, "4 floats"),
+        ({"latents_std": "1.0"}, TypeError, "sequence of floats, got str"),
+        ({"latents_mean": None}, TypeError, "got NoneType"),
+    ],
+    ids=["std=0", "std<0", "mean=nan", "mean-3-of-4", "std-bool", "std-str", "mean-None"],
+)
+def test_pixel_vae_rejects_bad_normalisation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PixelVAE(**kwargs)
 
 
 # ----------------------------------------------------------------------------------- PixelSemanticEncoder

@@ -7,6 +7,7 @@ its tests run anywhere, with the same tensor shapes as the real encoders (Wan VA
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,25 @@ def _colour_map(channels: int, seed: int) -> torch.Tensor:
     return rows
 
 
+def _per_channel(name: str, value: object, channels: int, *, positive: bool) -> torch.Tensor:
+    """``float32 [channels]`` from one finite float or a sequence of ``channels`` of them (``> 0`` if ``positive``)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        values = [float(value)] * channels
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        values = list(value)
+        if len(values) != channels or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise ValueError(
+                f"PixelVAE: {name} must be a float or {channels} floats (one per latent channel), got {value!r}"
+            )
+        values = [float(v) for v in values]
+    else:
+        raise TypeError(f"PixelVAE: {name} must be a float or a sequence of floats, got {type(value).__name__}")
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+        what = "positive finite" if positive else "finite"
+        raise ValueError(f"PixelVAE: {name} must be {what}, got {value!r}")
+    return torch.tensor(values, dtype=torch.float32)
+
+
 class PixelVAE(nn.Module):
     """Average-pool "VAE": latents are pooled colours, decoding repeats them back.
 
@@ -44,6 +64,13 @@ class PixelVAE(nn.Module):
     ``decode``: apply the map's pseudo-inverse, repeat each latent back over its frames and pixels
     (nearest), undo the centring and clamp to ``[0, 1]``. With ``latent_channels >= 3`` decoding a
     video's own latents returns its pooled version exactly.
+
+    ``latents_mean`` / ``latents_std`` normalise the latents as the Wan VAE's config values do:
+    ``encode`` returns ``(pooled - mean) / std`` and ``decode`` first undoes it. Each is one float for every
+    channel or one per latent channel. Pooled colours of dark, mostly plain clips have a std far below 1
+    (about 0.1-0.2 per channel on the synthetic shapes), while the rectified flow starts from unit Gaussian
+    noise; setting them to the data's per-channel statistics gives the flow unit-scale latents. The defaults
+    (0 and 1) leave the latents unnormalised.
 
     Time follows the Wan VAE when ``causal=True`` (default): the first frame has a latent frame of
     its own and every following ``temporal_factor`` frames share one, so ``F = 1 + temporal_factor * k``
@@ -61,6 +88,8 @@ class PixelVAE(nn.Module):
         *,
         causal: bool = True,
         seed: int = 0,
+        latents_mean: float | Sequence[float] = 0.0,
+        latents_std: float | Sequence[float] = 1.0,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -77,6 +106,10 @@ class PixelVAE(nn.Module):
         colour = _colour_map(latent_channels, seed)
         self.register_buffer("colour_map", colour.float(), persistent=False)
         self.register_buffer("colour_unmap", torch.linalg.pinv(colour).float(), persistent=False)
+        mean = _per_channel("latents_mean", latents_mean, latent_channels, positive=False)
+        std = _per_channel("latents_std", latents_std, latent_channels, positive=True)
+        self.register_buffer("latents_mean", mean.view(1, -1, 1, 1, 1), persistent=False)
+        self.register_buffer("latents_std", std.view(1, -1, 1, 1, 1), persistent=False)
 
     # --------------------------------------------------------------------------- frame counts
     def latent_frames(self, num_frames: int) -> int:
@@ -119,6 +152,7 @@ class PixelVAE(nn.Module):
             groups.append(rest.reshape(b, rest.shape[1] // tf, tf, 3, h // s, w // s).mean(dim=2))
         x = torch.cat(groups, dim=1)  # [B, T', 3, h, w]
         latents = torch.einsum("cd,btdhw->bcthw", self.colour_map.to(x.device), x)
+        latents = (latents - self.latents_mean.to(x.device)) / self.latents_std.to(x.device)
         return latents.to(video.dtype)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -129,7 +163,8 @@ class PixelVAE(nn.Module):
             raise ValueError(
                 f"PixelVAE.decode: expected latents [B, {self.latent_channels}, T', h, w], got {tuple(latents.shape)}"
             )
-        x = torch.einsum("dc,bcthw->btdhw", self.colour_unmap.to(latents.device), latents.float())
+        z = latents.float() * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
+        x = torch.einsum("dc,bcthw->btdhw", self.colour_unmap.to(latents.device), z)
         s, tf = self.spatial_factor, self.temporal_factor
         x = x.repeat_interleave(s, dim=3).repeat_interleave(s, dim=4)
         if self.causal:

@@ -164,26 +164,17 @@ class SemanticGenPipeline:
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Stage 1: ``z_sem [B, Ts, Ss, dim]`` float32 from the text embeddings."""
-        model, dtype = self.semantic_generator, _param_dtype(self.semantic_generator)
-
-        def velocity(text: tuple[torch.Tensor, torch.Tensor]):
-            def fn(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                if on_step is not None and text is cond:
-                    on_step()
-                return model(z.to(dtype), t, text[0].to(dtype), text[1])
-
-            return fn
-
-        batch = cond[0].shape[0]
-        noise = torch.randn((batch, *self.sem_shape), generator=generator, device=self.device)
-        return euler_sample(
-            velocity(cond),
-            noise,
+        return self._sample(
+            self.semantic_generator,
+            (),
+            cond,
+            uncond,
+            self.sem_shape,
+            self.sem_shift,
             steps=steps,
             guidance=guidance,
-            uncond_fn=velocity(uncond) if uncond is not None else None,
-            progress=False,
-            shift=self.sem_shift,
+            generator=generator,
+            on_step=on_step,
         )
 
     def sample_latents(
@@ -198,19 +189,50 @@ class SemanticGenPipeline:
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Stage 2: latents ``[B, C, T, H, W]`` float32 conditioned on (already noise-augmented) ``z_sem``."""
-        model, dtype = self.latent_generator, _param_dtype(self.latent_generator)
-        z_sem_in = z_sem.to(self.device, dtype)
+        z_sem_in = z_sem.to(self.device, _param_dtype(self.latent_generator))
+        return self._sample(
+            self.latent_generator,
+            (z_sem_in,),
+            cond,
+            uncond,
+            self.latent_shape,
+            self.latent_shift,
+            steps=steps,
+            guidance=guidance,
+            generator=generator,
+            on_step=on_step,
+        )
+
+    def _sample(
+        self,
+        model: torch.nn.Module,
+        extra: tuple[torch.Tensor, ...],
+        cond: tuple[torch.Tensor, torch.Tensor],
+        uncond: tuple[torch.Tensor, torch.Tensor] | None,
+        shape: tuple[int, ...],
+        shift: float,
+        *,
+        steps: int,
+        guidance: float,
+        generator: torch.Generator,
+        on_step: Callable[[], None] | None,
+    ) -> torch.Tensor:
+        """Euler-sample ``model(x, t, text, text_mask, *extra)`` from seeded noise of ``[B, *shape]``.
+
+        Flow times stay float32 (the models cast after the timestep embedding); ``on_step`` is called
+        once per step, on the conditional branch.
+        """
+        dtype = _param_dtype(model)
 
         def velocity(text: tuple[torch.Tensor, torch.Tensor]):
             def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 if on_step is not None and text is cond:
                     on_step()
-                return model(x.to(dtype), t, text[0].to(dtype), text[1], z_sem_in)
+                return model(x.to(dtype), t, text[0].to(dtype), text[1], *extra)
 
             return fn
 
-        batch = cond[0].shape[0]
-        noise = torch.randn((batch, *self.latent_shape), generator=generator, device=self.device)
+        noise = torch.randn((cond[0].shape[0], *shape), generator=generator, device=self.device)
         return euler_sample(
             velocity(cond),
             noise,
@@ -218,7 +240,7 @@ class SemanticGenPipeline:
             guidance=guidance,
             uncond_fn=velocity(uncond) if uncond is not None else None,
             progress=False,
-            shift=self.latent_shift,
+            shift=shift,
         )
 
     # ------------------------------------------------------------------------------------------- call

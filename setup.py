@@ -19,6 +19,10 @@ Environment flags (also tabled in the README):
 ``MAX_JOBS``               parallel compile jobs (read by torch's ninja builder).
 =========================  ===========================================================
 
+On Linux the CPU flow kernels are compiled twice: ``csrc/cpu/*_avx512.cpp`` files get the AVX-512
+flags below on top of the common ones (every other C++ file is built for AVX2), and the extension
+picks the variant at run time from what the CPU supports.
+
 No downloads, no ``git`` calls, no ``nvidia-smi``.
 """
 
@@ -33,6 +37,9 @@ from setuptools import find_packages, setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 STANDARD_CUDA_PREFIX = "/usr/local/cuda"
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+# Sources compiled with AVX512_FLAGS added; the extension calls into them only on AVX-512 CPUs.
+AVX512_SUFFIX = "_avx512.cpp"
+AVX512_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 
 
 def _resolve_cuda_home() -> str | None:
@@ -96,13 +103,15 @@ def _want_cuda() -> bool:
 
 def _extensions():
     cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    if sys.platform != "linux":
+        cpp_sources = [s for s in cpp_sources if not s.endswith(AVX512_SUFFIX)]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-DPy_LIMITED_API=0x030b0000"]
     if sys.platform == "linux":
         cxx_flags.append("-march=native" if os.environ.get("SEMANTICGEN_NATIVE") == "1" else "-mavx2")
         # FMA and F16C come with every AVX2 CPU; F16C is what ATen's Vectorized<Half> converts with.
-        cxx_flags += ["-mfma", "-mf16c"]
+        cxx_flags += ["-mfma", "-mf16c", "-DSEMANTICGEN_WITH_AVX512_KERNELS"]
     build_cuda = _want_cuda() and bool(cuda_sources)
     if build_cuda:
         archs = _parse_archs(os.environ.get("SEMANTICGEN_CUDA_ARCHS", DEFAULT_CUDA_ARCHS))
@@ -140,6 +149,37 @@ def _extensions():
     ]
 
 
+class BuildExtensionPerIsa(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus AVX512_FLAGS for the ``*_avx512.cpp`` sources.
+
+    setuptools gives one flag list per language to every source of an extension, so the AVX-512
+    sources are compiled by a second call of the (ninja or plain) compiler with the extra flags.
+    Their objects go last on the link line: where an inline function from a shared header is
+    emitted by several objects, the linker keeps the first copy, which then is an AVX2 one.
+    """
+
+    def build_extension(self, ext):
+        compile_all = self.compiler.compile
+
+        def compile_per_isa(sources, *args, extra_postargs=None, **kwargs):
+            wide = [s for s in sources if s.endswith(AVX512_SUFFIX)]
+            rest = [s for s in sources if not s.endswith(AVX512_SUFFIX)]
+            objects = compile_all(rest, *args, extra_postargs=extra_postargs, **kwargs) if rest else []
+            if wide:
+                if isinstance(extra_postargs, dict):
+                    wide_args = {**extra_postargs, "cxx": [*extra_postargs.get("cxx", []), *AVX512_FLAGS]}
+                else:
+                    wide_args = [*(extra_postargs or []), *AVX512_FLAGS]
+                objects += compile_all(wide, *args, extra_postargs=wide_args, **kwargs)
+            return objects
+
+        self.compiler.compile = compile_per_isa
+        try:
+            super().build_extension(ext)
+        finally:
+            self.compiler.compile = compile_all
+
+
 # `kernels/` (Triton sources) and `benchmarks/` sit at the top of the repository and install as
 # `semanticgen.kernels` and `semanticgen.benchmarks`, so `semanticgen bench` works from a wheel.
 _TOP_LEVEL_SUBPACKAGES = {"semanticgen.kernels": "kernels", "semanticgen.benchmarks": "benchmarks"}
@@ -148,6 +188,6 @@ setup(
     packages=find_packages(include=["semanticgen", "semanticgen.*"]) + sorted(_TOP_LEVEL_SUBPACKAGES),
     package_dir={"semanticgen": "semanticgen", **_TOP_LEVEL_SUBPACKAGES},
     ext_modules=_extensions(),
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtensionPerIsa},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

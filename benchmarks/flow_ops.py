@@ -22,6 +22,7 @@ import argparse
 
 import torch
 
+from semanticgen._extension import cpu_capability
 from semanticgen.ops import flow
 
 from ._timing import NullProgress, measure_interleaved
@@ -187,10 +188,15 @@ def _cases(dtype: torch.dtype, device: str):
 
 
 def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
-    """Rows ``{op, impl, dtype, numel, ms, GB/s, speedup_vs_eager, compiled_ms_ratio, roof_fraction}``."""
+    """Rows ``{op, impl, dtype, numel, ms, GB/s, speedup_vs_eager, compiled_ms_ratio, roof_fraction}``.
+
+    ``cpu_capability`` in each CPU row names the variant of the fused kernels that ran (``avx2``
+    or ``avx512``; set ``SEMANTICGEN_CPU_CAPABILITY`` to compare them).
+    """
     progress = progress or NullProgress()
     repeats = 5 if quick else 15
     rows: list[dict] = []
+    variant = cpu_capability() if device == "cpu" else None
     for dtype in _dtypes(quick):
         cases, roof, size = _cases(dtype, device)
         dtype_name = str(dtype).removeprefix("torch.")
@@ -210,6 +216,7 @@ def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
                         "dtype": dtype_name,
                         "numel": NUMEL,
                         "threads": torch.get_num_threads(),
+                        "cpu_capability": variant,
                         "ms": t["ms"],
                         "ms_min": t["ms_min"],
                         "GB/s": gbs,
@@ -237,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = run(quick=args.quick, device=args.device, progress=_Print())
     header = ("op", "impl", "dtype", "ms", "GB/s", "speedup_vs_eager", "compiled_ms_ratio", "roof_fraction")
+    if args.device == "cpu":
+        print(f"fused CPU kernels: {rows[0]['cpu_capability']}, {rows[0]['threads']} threads")
     print(" | ".join(header))
     for row in rows:
         print(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in header))

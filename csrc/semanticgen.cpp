@@ -37,8 +37,14 @@ std::string build_info() {
 #endif
 }
 
+namespace flow {
+// "avx2" or "avx512": the variant of the CPU flow kernels in use (csrc/cpu/flow_ops_cpu.cpp).
+std::string cpu_capability();
+}  // namespace flow
+
 TORCH_LIBRARY(semanticgen, m) {
   m.def("build_info() -> str", &build_info);
+  m.def("cpu_capability() -> str", &flow::cpu_capability);
   // Fused rectified-flow ops: kernels in csrc/cpu/flow_ops_cpu.cpp and csrc/cuda/flow_ops_cuda.cu,
   // typed wrappers, fake kernels and autograd in semanticgen/ops/flow.py.
   // A scalar operand (dt, guidance, t) is `Tensor? x, float x_value`: a float32 tensor of shape []

@@ -50,3 +50,15 @@ def built_cuda_archs() -> list[str]:
     info = torch.ops.semanticgen.build_info()
     archs = info.partition("cuda=")[2]
     return [a for a in archs.split(";") if a]
+
+
+def cpu_capability() -> str | None:
+    """Variant of the CPU flow kernels in use, ``"avx2"`` or ``"avx512"`` (``None`` when ``_C`` is not built).
+
+    Chosen once per process, at the first call of a CPU flow op: AVX-512 when the CPU has
+    AVX512F/BW/VL/DQ, AVX2 otherwise. ``SEMANTICGEN_CPU_CAPABILITY=avx2`` or ``avx512`` forces one
+    (a ``RuntimeError`` when the forced variant cannot run on this CPU or the value is neither).
+    """
+    if _IMPORT_ERROR is not None:
+        return None
+    return torch.ops.semanticgen.cpu_capability()

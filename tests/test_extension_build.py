@@ -7,11 +7,14 @@ compiling csrc/cuda/*.cu with nvcc (skipped, with the reason, where nvcc or the 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from semanticgen._extension import built_cuda_archs, extension_available
+from semanticgen._extension import built_cuda_archs, cpu_capability, extension_available
 from semanticgen.kernel_report import cuda_report
 
 pytestmark = pytest.mark.skipif(not extension_available(), reason="semanticgen._C is not built")
@@ -29,6 +32,18 @@ FLOW_OPS = (
     "flow_matching_loss_backward",
 )
 DEFAULT_ARCHS = ["8.0", "9.0a"]
+
+
+AVX512_FEATURES = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
+
+
+def cpu_has_avx512() -> bool:
+    """Whether the CPU reports every AVX-512 subset the AVX-512 flow kernels are built with (Linux)."""
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return words >= AVX512_FEATURES
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -111,3 +126,85 @@ def test_cuda_kernels_compile_without_spills(arch):
     for op in ("euler_step", "cfg_euler_step", "flow_noising", "flow_matching_loss_backward"):
         variants = {(r["dtype"], r["config"]) for r in rows if r["kernel"] == op}
         assert len(variants) == 6, (op, variants)
+
+
+def test_cpu_capability_follows_the_cpu():
+    forced = os.environ.get("SEMANTICGEN_CPU_CAPABILITY")
+    expected = forced or ("avx512" if cpu_has_avx512() else "avx2")
+    assert cpu_capability() == expected
+
+
+def _capability_in_subprocess(value: str) -> subprocess.CompletedProcess:
+    script = "from semanticgen._extension import cpu_capability; print(cpu_capability())"
+    env = {**os.environ, "SEMANTICGEN_CPU_CAPABILITY": value}
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_capability_can_be_forced_to_avx2():
+    proc = _capability_in_subprocess("avx2")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "avx2"
+
+
+def test_bad_cpu_capability_is_a_clear_error():
+    proc = _capability_in_subprocess("sse2")
+    assert proc.returncode != 0
+    assert "SEMANTICGEN_CPU_CAPABILITY must be 'avx2' or 'avx512'" in proc.stderr and "'sse2'" in proc.stderr
+
+
+def test_forcing_avx512_without_it_is_a_clear_error():
+    if cpu_has_avx512():
+        pytest.skip("this CPU has AVX-512")
+    proc = _capability_in_subprocess("avx512")
+    assert proc.returncode != 0 and "SEMANTICGEN_CPU_CAPABILITY=avx512" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- CPU variants
+
+# Runs every CPU flow op on fixed inputs (odd inner size, per-batch scalars, every dtype) in a
+# fresh process and saves the outputs with the variant that produced them.
+_VARIANT_SCRIPT = """
+import sys
+import torch
+from semanticgen._extension import cpu_capability
+from semanticgen.ops import flow
+
+torch.manual_seed(0)
+outputs = {}
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    z, a, b = (torch.randn(4, 4099).to(dtype) for _ in range(3))
+    dt, g, t = torch.rand(4) - 1.0, torch.rand(4) * 5.0, torch.rand(4)
+    name = str(dtype)
+    outputs[name + " euler_step"] = flow.euler_step(z, a, dt)
+    outputs[name + " cfg_euler_step"] = flow.cfg_euler_step(z, a, b, g, -0.02)
+    outputs[name + " flow_noising"] = torch.stack(flow.flow_noising(z, a, t))
+    v = b.clone().requires_grad_(True)
+    loss = flow.flow_matching_loss(v, z, a)
+    loss.backward()
+    outputs[name + " flow_matching_loss"] = loss.detach()
+    outputs[name + " flow_matching_loss grad"] = v.grad
+torch.save({"capability": cpu_capability(), "outputs": outputs}, sys.argv[1])
+"""
+
+
+def _run_variant(capability: str, path) -> dict:
+    env = {**os.environ, "SEMANTICGEN_CPU_CAPABILITY": capability}
+    proc = subprocess.run(
+        [sys.executable, "-c", _VARIANT_SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return torch.load(path)
+
+
+def test_avx2_and_avx512_kernels_give_identical_results(tmp_path):
+    if not cpu_has_avx512():
+        pytest.skip("this CPU lacks AVX512F/BW/VL/DQ: only the AVX2 kernels can run")
+    avx2 = _run_variant("avx2", tmp_path / "avx2.pt")
+    avx512 = _run_variant("avx512", tmp_path / "avx512.pt")
+    assert avx2["capability"] == "avx2" and avx512["capability"] == "avx512"
+    assert avx2["outputs"].keys() == avx512["outputs"].keys()
+    for name, expected in avx2["outputs"].items():
+        got = avx512["outputs"][name]
+        # Bitwise: both variants run the same fp32 expression per element, and the loss reduction
+        # visits the elements in the same lane order whatever the vector width.
+        assert torch.equal(got, expected), f"{name}: AVX-512 and AVX2 kernels differ"

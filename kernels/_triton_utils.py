@@ -151,6 +151,23 @@ class ConfigTable:
 
 
 @triton.jit
+def tile_rows(TILES, CU_SEQLENS, PERM, tile, BLOCK: tl.constexpr):
+    """Rows of one tile: ``(win_start, win_end, offs, ok, tok)``.
+
+    ``TILES[tile] = (window, first window-major row)``; ``offs`` are the tile's ``BLOCK`` window-major
+    rows, ``ok`` masks those past the window's end, ``tok`` (int64) their caller-order tokens.
+    """
+    window = tl.load(TILES + 2 * tile)
+    start = tl.load(TILES + 2 * tile + 1)
+    win_start = tl.load(CU_SEQLENS + window)
+    win_end = tl.load(CU_SEQLENS + window + 1)
+    offs = start + tl.arange(0, BLOCK)
+    ok = offs < win_end
+    tok = tl.load(PERM + offs, mask=ok, other=0).to(tl.int64)
+    return win_start, win_end, offs, ok, tok
+
+
+@triton.jit
 def dot_acc(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``acc + a @ b`` with fp32 accumulation.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_utils import LOG2E, ConfigTable, KernelConfig, cast_to, device_arch_class, dot_acc
+from ._triton_utils import LOG2E, ConfigTable, KernelConfig, cast_to, device_arch_class, dot_acc, tile_rows
 
 __all__ = ["swin_attn_fwd_kernel", "swin_attn_fwd_kernel_tuned", "FWD_CONFIGS", "LOG2E"]
 
@@ -85,14 +85,7 @@ def swin_attn_fwd_kernel(
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
 
-    window = tl.load(TILES + 2 * tile)
-    row_start = tl.load(TILES + 2 * tile + 1)
-    win_start = tl.load(CU_SEQLENS + window)
-    win_end = tl.load(CU_SEQLENS + window + 1)
-
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < win_end
-    tok_q = tl.load(PERM + offs_m, mask=row_ok, other=0).to(tl.int64)
+    win_start, win_end, offs_m, row_ok, tok_q = tile_rows(TILES, CU_SEQLENS, PERM, tile, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 

@@ -24,28 +24,14 @@ __all__ = [
 def build_dataset(data_cfg, seed: int = 0):
     """Dataset of a ``DataConfig`` (``semanticgen.train.config``): raw clips for ``synthetic``/``video_folder``,
     encoded samples for ``shards``."""
+    # Clip geometry and frame rates shared by the two raw-video datasets.
+    clip = {
+        name: getattr(data_cfg, name) for name in ("height", "width", "vae_frames", "vae_fps", "sem_frames", "sem_fps")
+    }
     if data_cfg.kind == "synthetic":
-        return SyntheticShapes(
-            data_cfg.num_samples,
-            height=data_cfg.height,
-            width=data_cfg.width,
-            vae_frames=data_cfg.vae_frames,
-            vae_fps=data_cfg.vae_fps,
-            sem_frames=data_cfg.sem_frames,
-            sem_fps=data_cfg.sem_fps,
-            seed=seed,
-        )
+        return SyntheticShapes(data_cfg.num_samples, seed=seed, **clip)
     if data_cfg.kind == "video_folder":
-        return VideoFolder(
-            data_cfg.path,
-            captions=data_cfg.captions or None,
-            height=data_cfg.height,
-            width=data_cfg.width,
-            vae_frames=data_cfg.vae_frames,
-            vae_fps=data_cfg.vae_fps,
-            sem_frames=data_cfg.sem_frames,
-            sem_fps=data_cfg.sem_fps,
-        )
+        return VideoFolder(data_cfg.path, captions=data_cfg.captions or None, **clip)
     if data_cfg.kind == "shards":
         return ShardDataset(data_cfg.path)
     raise ValueError(f"data.kind must be 'synthetic', 'video_folder' or 'shards', got {data_cfg.kind!r}")

@@ -13,9 +13,11 @@ integers, ``(j * Tv + shift * Ts) // (Tw * Ts)``: a float ``j * Tv / Ts`` lands 
 window edge for some ``(Tv, Ts)`` and would put the frame in the wrong window.
 
 Because window indices grow monotonically with the frame index in each stream, every window is
-exactly two contiguous token ranges in caller order: a run of VAE frames and a run of semantic
-frames (possibly empty). :meth:`WindowLayout.segments` exposes that; kernels use the window-major
-index map (:meth:`WindowLayout.index_map`) built from it.
+at most two contiguous token ranges in streams order (a run of VAE frames and a run of semantic
+frames) and exactly one in *blocked* order, where the timeline is cut at the window edges of both
+parities and each time block carries its VAE tokens then its semantic tokens
+(``WindowLayout(..., order="blocked")``). :meth:`WindowLayout.segments` gives the ranges in the
+layout's order; :attr:`WindowLayout.permutation` converts between the orders.
 """
 
 from __future__ import annotations
@@ -25,20 +27,38 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["WindowLayout", "WindowSegment", "WindowIndexMap"]
+__all__ = ["WindowLayout", "WindowSegment", "WindowIndexMap", "TimeBlock", "ORDERS"]
 
 
 class WindowSegment(NamedTuple):
-    """Token ranges of one window in caller order: ``[vae_start, vae_end) + [sem_start, sem_end)``."""
+    """Token ranges of one window in ``layout.order``: ``[start0, end0) + [start1, end1)``.
+
+    In ``"streams"`` order the first range is the window's VAE frames and the second its semantic
+    frames (possibly empty). In ``"blocked"`` order a window is one contiguous range: the first
+    range is the whole window and the second is empty (``start1 == end1 == end0``).
+    """
+
+    start0: int
+    end0: int
+    start1: int
+    end1: int
+
+    @property
+    def length(self) -> int:
+        return (self.end0 - self.start0) + (self.end1 - self.start1)
+
+
+class TimeBlock(NamedTuple):
+    """Frames of one time block: VAE frames ``[vae_start, vae_end)``, semantic ``[sem_start, sem_end)``.
+
+    Blocks cut the timeline at every unshifted (``k * Tw``) and shifted (``k * Tw - Tw // 2``) window
+    edge, so each block lies inside one window of either parity.
+    """
 
     vae_start: int
     vae_end: int
     sem_start: int
     sem_end: int
-
-    @property
-    def length(self) -> int:
-        return (self.vae_end - self.vae_start) + (self.sem_end - self.sem_start)
 
 
 class WindowIndexMap(NamedTuple):
@@ -55,6 +75,9 @@ class WindowIndexMap(NamedTuple):
     max_seqlen: int
 
 
+ORDERS = ("streams", "blocked")
+
+
 def _check_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"WindowLayout: {name} must be an int, got {type(value).__name__} ({value!r})")
@@ -65,7 +88,7 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class WindowLayout:
-    """One stage-2 sequence: VAE tokens then semantic tokens, split into time windows.
+    """One stage-2 sequence of VAE and semantic tokens, split into time windows.
 
     Args:
         vae_frames: ``Tv``, latent frames of the VAE stream (>= 1).
@@ -73,12 +96,24 @@ class WindowLayout:
         sem_frames: ``Ts``, frames of the semantic stream (>= 0; 0 means no semantic tokens).
         sem_tokens_per_frame: ``Ss``, tokens per semantic frame (>= 1 when ``Ts > 0``).
         window: ``Tw``, window length in VAE latent frames (>= 1).
+        order: token order of the sequence the layout describes:
+
+            * ``"streams"`` (default): all VAE tokens (frame-major), then all semantic tokens;
+            * ``"blocked"``: time blocks one after the other (see :meth:`blocks`), each holding its VAE
+              tokens then its semantic tokens. Every window of either parity is then one contiguous
+              range, which varlen kernels and context parallelism need.
+
+    Every per-token table (:meth:`window_ids`, :meth:`segments`, :meth:`cu_seqlens`) describes tokens
+    in ``order``. :attr:`permutation` maps between the two orders.
 
     Example:
         >>> layout = WindowLayout(vae_frames=32, vae_tokens_per_frame=256,
         ...                       sem_frames=4, sem_tokens_per_frame=128, window=4)
         >>> layout.num_tokens, layout.num_windows(shifted=False)
         (8704, 8)
+        >>> blocked = layout.with_order("blocked")
+        >>> blocked.segments(shifted=True)[1]
+        WindowSegment(start0=512, end0=1600, start1=1600, end1=1600)
     """
 
     vae_frames: int
@@ -86,7 +121,8 @@ class WindowLayout:
     sem_frames: int
     sem_tokens_per_frame: int
     window: int
-    # Per-(parity, device) index maps, built once; excluded from equality and hashing.
+    order: str = "streams"
+    # Per-(parity, device) tables, built once; excluded from equality and hashing.
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +131,14 @@ class WindowLayout:
         _check_int("sem_frames", self.sem_frames, 0)
         _check_int("sem_tokens_per_frame", self.sem_tokens_per_frame, 1 if self.sem_frames > 0 else 0)
         _check_int("window", self.window, 1)
+        if not isinstance(self.order, str) or self.order not in ORDERS:
+            raise ValueError(f"WindowLayout: order must be one of {ORDERS}, got {self.order!r}")
+
+    def with_order(self, order: str) -> WindowLayout:
+        """The same sequence in another token order (``"streams"`` or ``"blocked"``)."""
+        if order == self.order:
+            return self
+        return dataclasses.replace(self, order=order)
 
     # ----------------------------------------------------------------------------------- sizes
     @property
@@ -131,14 +175,10 @@ class WindowLayout:
         """Number of windows; VAE frames cover every window index from 0 to the last."""
         return self.vae_frame_window(self.vae_frames - 1, shifted) + 1
 
-    def segments(self, shifted: bool) -> tuple[WindowSegment, ...]:
-        """Per-window token ranges in caller order (see :class:`WindowSegment`)."""
-        key = ("segments", bool(shifted))
-        cached = self._cache.get(key)
-        if cached is not None:
-            return cached
+    def _frame_bounds(self, shifted: bool) -> tuple[list[int], list[int]]:
+        """First VAE and first semantic frame of every window (then ``Tv`` / ``Ts``), ``[W + 1]`` each."""
         num_windows = self.num_windows(shifted)
-        vae_bounds = [0] * (num_windows + 1)  # first VAE frame of each window, then Tv
+        vae_bounds = [0] * (num_windows + 1)
         sem_bounds = [0] * (num_windows + 1)
         for i in range(self.vae_frames):
             vae_bounds[self.vae_frame_window(i, shifted) + 1] = i + 1
@@ -146,33 +186,174 @@ class WindowLayout:
             sem_bounds[self.sem_frame_window(j, shifted) + 1] = j + 1
         for w in range(1, num_windows + 1):  # windows without a semantic frame end where the last one did
             sem_bounds[w] = max(sem_bounds[w], sem_bounds[w - 1])
-        sv, ss, base = self.vae_tokens_per_frame, self.sem_tokens_per_frame, self.num_vae_tokens
-        segs = tuple(
-            WindowSegment(
-                vae_bounds[w] * sv,
-                vae_bounds[w + 1] * sv,
-                base + sem_bounds[w] * ss,
-                base + sem_bounds[w + 1] * ss,
-            )
-            for w in range(num_windows)
+        return vae_bounds, sem_bounds
+
+    # ---------------------------------------------------------------------------- time blocks
+    def blocks(self) -> tuple[TimeBlock, ...]:
+        """Time blocks in order: the timeline cut at every window edge of both parities.
+
+        A frame's block is its pair ``(unshifted window, shifted window)``; both grow with time, so
+        blocks are runs of consecutive frames in each stream. Every block holds at least one VAE frame
+        (cuts fall on integer times and VAE frames sit on every integer), so ``Tv`` bounds their number.
+        For even ``Tw`` an inner block is half a window.
+        """
+        cached = self._cache.get("blocks")
+        if cached is not None:
+            return cached
+
+        def key_vae(i: int) -> tuple[int, int]:
+            return self.vae_frame_window(i, False), self.vae_frame_window(i, True)
+
+        keys = sorted({key_vae(i) for i in range(self.vae_frames)})
+        index = {key: b for b, key in enumerate(keys)}
+        vae_bounds = [0] * (len(keys) + 1)
+        sem_bounds = [0] * (len(keys) + 1)
+        for i in range(self.vae_frames):
+            vae_bounds[index[key_vae(i)] + 1] = i + 1
+        for j in range(self.sem_frames):
+            key = (self.sem_frame_window(j, False), self.sem_frame_window(j, True))
+            sem_bounds[index[key] + 1] = j + 1
+        for b in range(1, len(keys) + 1):
+            sem_bounds[b] = max(sem_bounds[b], sem_bounds[b - 1])
+        blocks = tuple(
+            TimeBlock(vae_bounds[b], vae_bounds[b + 1], sem_bounds[b], sem_bounds[b + 1]) for b in range(len(keys))
         )
+        self._cache["blocks"] = blocks
+        return blocks
+
+    def block_token_offsets(self) -> list[int]:
+        """``[num_blocks + 1]``: first blocked-order token of every block, then ``N``."""
+        sv, ss = self.vae_tokens_per_frame, self.sem_tokens_per_frame
+        offsets = [0]
+        for blk in self.blocks():
+            offsets.append(offsets[-1] + (blk.vae_end - blk.vae_start) * sv + (blk.sem_end - blk.sem_start) * ss)
+        return offsets
+
+    def window_blocks(self, shifted: bool) -> list[tuple[int, int]]:
+        """``[W]``: the blocks ``[first, last + 1)`` that make up each window of a parity."""
+        windows = [self.vae_frame_window(blk.vae_start, shifted) for blk in self.blocks()]
+        spans: list[tuple[int, int]] = []
+        for b, w in enumerate(windows):
+            if w == len(spans):
+                spans.append((b, b + 1))
+            else:  # same window as the previous block: windows are unions of consecutive blocks
+                spans[w] = (spans[w][0], b + 1)
+        return spans
+
+    # ------------------------------------------------------------------------ per-window ranges
+    def segments(self, shifted: bool) -> tuple[WindowSegment, ...]:
+        """Per-window token ranges in ``self.order`` (see :class:`WindowSegment`)."""
+        key = ("segments", bool(shifted))
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        if self.order == "blocked":
+            offsets = self.block_token_offsets()
+            segs = tuple(
+                WindowSegment(offsets[first], offsets[last], offsets[last], offsets[last])
+                for first, last in self.window_blocks(shifted)
+            )
+        else:
+            vae_bounds, sem_bounds = self._frame_bounds(shifted)
+            sv, ss, base = self.vae_tokens_per_frame, self.sem_tokens_per_frame, self.num_vae_tokens
+            segs = tuple(
+                WindowSegment(
+                    vae_bounds[w] * sv,
+                    vae_bounds[w + 1] * sv,
+                    base + sem_bounds[w] * ss,
+                    base + sem_bounds[w + 1] * ss,
+                )
+                for w in range(len(vae_bounds) - 1)
+            )
         self._cache[key] = segs
         return segs
 
     def window_lengths(self, shifted: bool) -> list[int]:
-        """Tokens per window."""
+        """Tokens per window (the same in either order)."""
         return [s.length for s in self.segments(shifted)]
 
+    def max_window_length(self, shifted: bool) -> int:
+        """Tokens in the longest window of a parity."""
+        return max(self.window_lengths(shifted))
+
     def window_ids(self, shifted: bool) -> torch.Tensor:
-        """Window index of every token in caller order, ``LongTensor[num_tokens]`` on the CPU."""
+        """Window index of every token in ``self.order``, ``LongTensor[num_tokens]`` on the CPU.
+
+        Non-decreasing in ``"blocked"`` order, for both parities.
+        """
         ids = torch.empty(self.num_tokens, dtype=torch.long)
         for w, seg in enumerate(self.segments(shifted)):
-            ids[seg.vae_start : seg.vae_end] = w
-            ids[seg.sem_start : seg.sem_end] = w
+            ids[seg.start0 : seg.end0] = w
+            ids[seg.start1 : seg.end1] = w
         return ids
 
+    def cu_seqlens(self, shifted: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``int32[W + 1]`` window boundaries: window ``w`` is tokens ``cu[w]:cu[w + 1]`` in blocked order.
+
+        (In streams order the same numbers delimit the windows of the window-major :meth:`index_map`.)
+        """
+        return self.index_map(shifted, device).cu_seqlens
+
+    # ----------------------------------------------------------------------- order conversion
+    @property
+    def permutation(self) -> torch.Tensor:
+        """``LongTensor[N]`` with ``x_blocked = x_streams[:, permutation]`` (the same for either order)."""
+        cached = self._cache.get("permutation")
+        if cached is not None:
+            return cached
+        sv, ss, base = self.vae_tokens_per_frame, self.sem_tokens_per_frame, self.num_vae_tokens
+        parts = []
+        for blk in self.blocks():
+            parts.append(torch.arange(blk.vae_start * sv, blk.vae_end * sv))
+            parts.append(torch.arange(base + blk.sem_start * ss, base + blk.sem_end * ss))
+        perm = torch.cat(parts)
+        self._cache["permutation"] = perm
+        return perm
+
+    @property
+    def inverse_permutation(self) -> torch.Tensor:
+        """``LongTensor[N]`` with ``x_streams = x_blocked[:, inverse_permutation]``."""
+        cached = self._cache.get("inverse_permutation")
+        if cached is not None:
+            return cached
+        perm = self.permutation
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        self._cache["inverse_permutation"] = inv
+        return inv
+
+    def _device_table(self, name: str, device: torch.device) -> torch.Tensor:
+        key = (name, str(device))
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = self._cache.setdefault(key, getattr(self, name).to(device))
+        return cached
+
+    def _convert(self, x: torch.Tensor, dim: int, table: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"WindowLayout: x must be a torch.Tensor, got {type(x).__name__}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+            raise ValueError(f"WindowLayout: dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
+        if x.shape[dim] != self.num_tokens:
+            raise ValueError(
+                f"WindowLayout: x has {x.shape[dim]} tokens along dim {dim}, the layout has {self.num_tokens}"
+            )
+        return x.index_select(dim, self._device_table(table, x.device))
+
+    def to_blocked(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Streams-order tokens along ``dim`` -> blocked order (one ``index_select``)."""
+        return self._convert(x, dim, "permutation")
+
+    def from_blocked(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Blocked-order tokens along ``dim`` -> streams order (one ``index_select``)."""
+        return self._convert(x, dim, "inverse_permutation")
+
+    # ------------------------------------------------------------------------ window-major map
     def index_map(self, shifted: bool, device: torch.device | str = "cpu") -> WindowIndexMap:
-        """Window-major permutation and ``cu_seqlens``, built once per parity and device."""
+        """Window-major permutation of ``self.order`` tokens and ``cu_seqlens``, once per parity and device.
+
+        In blocked order ``perm`` is the identity: windows are already contiguous.
+        """
         device = torch.device(device)
         key = ("index_map", bool(shifted), str(device))
         cached = self._cache.get(key)
@@ -182,7 +363,7 @@ class WindowLayout:
         # a lock would also make layouts impossible to build inside a torch.compile graph.
         segs = self.segments(shifted)
         perm = torch.cat(
-            [torch.cat([torch.arange(s.vae_start, s.vae_end), torch.arange(s.sem_start, s.sem_end)]) for s in segs]
+            [torch.cat([torch.arange(s.start0, s.end0), torch.arange(s.start1, s.end1)]) for s in segs]
         ).to(torch.int32)
         lengths = torch.tensor([0] + [s.length for s in segs], dtype=torch.int64)
         cu_seqlens = torch.cumsum(lengths, 0).to(torch.int32)

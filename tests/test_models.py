@@ -277,6 +277,30 @@ def test_latent_generator_swin_cpu_backend_matches_reference_backend():
     torch.testing.assert_close(cpu(*inputs), ref(*inputs), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("t, ts, window", [(6, 3, 2), (7, 2, 3), (5, 0, 4), (3, 2, 8)], ids=str)
+def test_latent_generator_blocked_order_matches_streams_order(t, ts, window, monkeypatch):
+    """Swin mode runs its blocks in blocked token order; output and every parameter gradient equal the
+    streams-order path (same layout in streams order, no permutation) to fp64 rounding."""
+    base = dataclasses.replace(LatentGenerator.Config.tiny(), attention="swin", window=window, depth=3)
+    model = _randomize(LatentGenerator(base)).double()
+    x, t_, text, mask, z_sem = (a.double() if a.is_floating_point() else a for a in _latent_inputs(base, t=t, ts=ts))
+
+    def run():
+        model.zero_grad()
+        out = model(x, t_, text, mask, z_sem)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    blocked_out, blocked_grads = run()
+    layout = model.window_layout(t, 2 * 3, ts, 6)  # 4 x 6 latents in 2 x 2 patches, 6 semantic tokens a frame
+    assert layout.order == "blocked"
+    monkeypatch.setattr(model, "window_layout", lambda *shape: layout.with_order("streams"))
+    streams_out, streams_grads = run()
+    torch.testing.assert_close(blocked_out, streams_out, rtol=1e-12, atol=1e-12)
+    for name, grad in blocked_grads.items():
+        torch.testing.assert_close(grad, streams_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
 @pytest.mark.parametrize("attention", ["full", "swin"])
 def test_latent_generator_gradients_reach_every_parameter(attention):
     cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)

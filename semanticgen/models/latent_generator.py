@@ -36,7 +36,10 @@ class LatentGenerator(nn.Module):
 
     Attention: ``"full"`` attends over the whole sequence in every layer (short clips); ``"swin"`` restricts
     each token to the VAE and semantic tokens of its ``window``-frame time span through ``swin_attention``,
-    windows shifted by ``window // 2`` on odd layers (long clips).
+    windows shifted by ``window // 2`` on odd layers (long clips). In ``"swin"`` mode the blocks run on the
+    sequence in the layout's blocked order (time blocks of VAE then semantic tokens, see
+    :class:`~semanticgen.ops.WindowLayout`): the tokens are permuted once after embedding and back once before
+    the final layer.
 
     Example:
         >>> model = LatentGenerator(LatentGenerator.Config.tiny())
@@ -135,7 +138,9 @@ class LatentGenerator(nn.Module):
     def _build_layout(self, vae_frames: int, vae_tokens: int, sem_frames: int, sem_tokens: int) -> WindowLayout:
         if len(self._layouts) >= 16:  # a training run sees a handful of shapes; bound it anyway
             self._layouts.clear()
-        layout = WindowLayout(vae_frames, vae_tokens, sem_frames, sem_tokens, self.config.window // self.patch[0])
+        layout = WindowLayout(
+            vae_frames, vae_tokens, sem_frames, sem_tokens, self.config.window // self.patch[0], order="blocked"
+        )
         self._layouts[(vae_frames, vae_tokens, sem_frames, sem_tokens)] = layout
         return layout
 
@@ -203,16 +208,24 @@ class LatentGenerator(nn.Module):
         _, ts, ss, _ = z_sem.shape
 
         positions = self.token_positions(tv, hv, wv, ts, ss, device=x.device)
-        cos, sin = rope_tables(positions, self.head_dim, theta=self.config.rope_theta)
-
         tokens = torch.cat(
             [self.x_embed(patchify(x, self.patch)), self.sem_embed(z_sem.reshape(b, ts * ss, self.config.sem_dim))], 1
         )
+        layout = self.window_layout(tv, hv * wv, ts, ss) if self.config.attention == "swin" else None
+        blocked = layout is not None and layout.order == "blocked"
+        if blocked:
+            # Blocked order once for the whole stack: every window of both parities is then one contiguous
+            # range (no gather inside attention). Tokens carry their RoPE positions with them; every other
+            # op of a block is per token, so the model's output is unchanged.
+            tokens = layout.to_blocked(tokens, dim=1)
+            positions = layout.to_blocked(positions, dim=0)
+        cos, sin = rope_tables(positions, self.head_dim, theta=self.config.rope_theta)
         cond = self.t_embed(t)
         time_mod = self.t_mod(cond)
         txt = self.text_embed(text)
-        layout = self.window_layout(tv, hv * wv, ts, ss) if self.config.attention == "swin" else None
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, time_mod, txt, text_mask, cos, sin, layout, i % 2 == 1)
+        if blocked:
+            tokens = layout.from_blocked(tokens, dim=1)
         out = self.final(tokens[:, : tv * hv * wv], cond)
         return unpatchify(out, self.patch, (c, t_len, h, w))

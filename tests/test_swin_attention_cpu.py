@@ -49,12 +49,15 @@ def _errors(dtype, q, k, v, layout, shifted):
     ]
 
 
+@pytest.mark.parametrize("order", ["streams", "blocked"])
 @pytest.mark.parametrize("shifted", [False, True], ids=["unshifted", "shifted"])
 @pytest.mark.parametrize("dims", list(LAYOUTS.values()), ids=list(LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_matches_fp64_reference(dims, shifted, dtype, poison_empty):
+def test_matches_fp64_reference(dims, shifted, dtype, order, poison_empty):
     tv, sv, ts, ss, tw = dims
-    layout = WindowLayout(vae_frames=tv, vae_tokens_per_frame=sv, sem_frames=ts, sem_tokens_per_frame=ss, window=tw)
+    layout = WindowLayout(
+        vae_frames=tv, vae_tokens_per_frame=sv, sem_frames=ts, sem_tokens_per_frame=ss, window=tw, order=order
+    )
     q, k, v = _make(layout, batch=2, heads=3, dim=16, dtype=dtype)
     for name, (ours, plain) in zip(("out", "dq", "dk", "dv"), _errors(dtype, q, k, v, layout, shifted)):
         assert ours <= max(2 * plain, FLOOR[dtype]), f"{name}: error {ours:.3g} vs plain torch {plain:.3g}"
@@ -68,6 +71,58 @@ def test_head_dims(dim, dtype, poison_empty):
     for shifted in (False, True):
         for name, (ours, plain) in zip(("out", "dq", "dk", "dv"), _errors(dtype, q, k, v, layout, shifted)):
             assert ours <= max(2 * plain, FLOOR[dtype]), f"{name}: error {ours:.3g} vs plain torch {plain:.3g}"
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["unshifted", "shifted"])
+def test_blocked_order_equals_permuted_streams_order(shifted):
+    streams = WindowLayout(vae_frames=9, vae_tokens_per_frame=5, sem_frames=4, sem_tokens_per_frame=3, window=4)
+    blocked = streams.with_order("blocked")
+    q, k, v = _make(streams, batch=2, heads=3, dim=16, dtype=torch.float64)
+    grad = torch.randn_like(q)
+    out_s = swin_attention(q, k, v, streams, shifted=shifted, backend="cpu")
+    grads_s = torch.autograd.grad(out_s, (q, k, v), grad)
+    qb, kb, vb = (blocked.to_blocked(t.detach()).requires_grad_() for t in (q, k, v))
+    out_b = swin_attention(qb, kb, vb, blocked, shifted=shifted, backend="cpu")
+    grads_b = torch.autograd.grad(out_b, (qb, kb, vb), blocked.to_blocked(grad))
+    torch.testing.assert_close(blocked.from_blocked(out_b), out_s, rtol=1e-12, atol=1e-12)
+    for gb, gs in zip(grads_b, grads_s):
+        torch.testing.assert_close(blocked.from_blocked(gb), gs, rtol=1e-12, atol=1e-12)
+
+
+def test_blocked_order_reads_views_of_mixed_stride_inputs(monkeypatch):
+    """Blocked order: the attention kernels get views of q/k/v and dO in both passes (no gather or copy), and
+    read operands of different strides (q, k, v split from one projection; a dO unlike O) correctly."""
+    layout = WindowLayout(7, 4, 3, 2, 3, order="blocked")
+    b, n, h, d = 2, layout.num_tokens, 3, 16
+    qkv = torch.randn(b, n, 3 * h, d, dtype=torch.float32, requires_grad=True)
+    grad = torch.randn(b, h, n, d).transpose(1, 2)  # dO with strides unlike O's
+    seen = []
+
+    def storages(*tensors):
+        return [t.untyped_storage().data_ptr() for t in tensors]
+
+    def spy(real, first, count):
+        def run(*args, **kwargs):
+            seen.append(storages(*args[first : first + count]))
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(swin_cpu, "_flash_fwd", spy(swin_cpu._flash_fwd, 0, 3))  # q, k, v
+    monkeypatch.setattr(swin_cpu, "_flash_bwd", spy(swin_cpu._flash_bwd, 0, 4))  # dO, q, k, v
+    inputs = storages(qkv, grad)
+    for shifted in (False, True):
+        seen.clear()
+        q, k, v = qkv.chunk(3, dim=2)
+        out = swin_attention(q, k, v, layout, shifted=shifted, backend="cpu")
+        dqkv = torch.autograd.grad(out, qkv, grad)[0]
+        assert len(seen) == 2 * layout.num_windows(shifted)
+        assert all(ptr in inputs for ptrs in seen for ptr in ptrs), "a window's operand was copied"
+        ref_in = qkv.detach().double().requires_grad_()
+        ref = swin_attention_reference(*ref_in.chunk(3, dim=2), layout, shifted=shifted)
+        ref_grad = torch.autograd.grad(ref, ref_in, grad.double())[0]
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dqkv.double(), ref_grad, rtol=1e-5, atol=1e-5)
 
 
 def test_tokens_outside_window_have_no_influence():

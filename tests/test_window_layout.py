@@ -131,3 +131,104 @@ def test_layout_is_hashable_and_equal_by_value():
     b = WindowLayout(vae_frames=4, vae_tokens_per_frame=4, sem_frames=2, sem_tokens_per_frame=1, window=2)
     a.index_map(True)
     assert a == b and hash(a) == hash(b)
+
+
+# ------------------------------------------------------------------------------------------ blocked order
+def _block_of_time(p: Fraction, window: int) -> tuple[int, int]:
+    """A time's block, from first principles: the pair of its unshifted and shifted windows."""
+    return _window_by_fractions(p, window, False), _window_by_fractions(p, window, True)
+
+
+def _check_blocked(dims):
+    tv, sv, ts, ss, tw = dims
+    streams = WindowLayout(tv, sv, ts, ss, tw)
+    blocked = streams.with_order("blocked")
+    perm = blocked.permutation
+    n = streams.num_tokens
+    assert perm.dtype == torch.long and sorted(perm.tolist()) == list(range(n))
+    assert torch.equal(streams.permutation, perm)  # the same on a layout of either order
+    # Token times (exact fractions) in streams order, then in blocked order.
+    times = [Fraction(i) for i in range(tv) for _ in range(sv)] + [
+        Fraction(j * tv, ts) for j in range(ts) for _ in range(ss)
+    ]
+    is_sem = [False] * (tv * sv) + [True] * (ts * ss)
+    blocked_times = [times[r] for r in perm.tolist()]
+    blocked_sem = [is_sem[r] for r in perm.tolist()]
+    keys = [_block_of_time(p, tw) for p in blocked_times]
+    # Blocks follow each other in time; inside a block its VAE tokens come before its semantic tokens,
+    # each stream frame-major (the streams-order index grows).
+    assert keys == sorted(keys)
+    for r in range(1, n):
+        if keys[r] == keys[r - 1]:
+            assert (blocked_sem[r - 1], perm[r - 1].item()) < (blocked_sem[r], perm[r].item())
+    for shifted in (False, True):
+        ids = blocked.window_ids(shifted)
+        assert torch.equal(ids, streams.window_ids(shifted)[perm])
+        assert bool((ids[1:] >= ids[:-1]).all()), "blocked window ids must be non-decreasing"
+        # Every block's tokens share both window ids.
+        for r in range(1, n):
+            if keys[r] == keys[r - 1]:
+                assert ids[r] == ids[r - 1]
+        cu = blocked.cu_seqlens(shifted).tolist()
+        assert blocked.cu_seqlens(shifted).dtype == torch.int32
+        assert cu == [0] + torch.cumsum(torch.bincount(ids), 0).tolist()
+        segs = blocked.segments(shifted)
+        assert [(s.start0, s.end0) for s in segs] == list(zip(cu[:-1], cu[1:]))
+        assert all(s.start1 == s.end1 == s.end0 for s in segs)
+        assert blocked.window_lengths(shifted) == streams.window_lengths(shifted)
+        assert torch.equal(blocked.index_map(shifted).perm, torch.arange(n, dtype=torch.int32))
+    x = torch.randn(2, n, 3)
+    xb = blocked.to_blocked(x)
+    assert torch.equal(xb, x[:, perm])
+    assert torch.equal(blocked.from_blocked(xb), x)
+    assert torch.equal(streams.from_blocked(streams.to_blocked(x.transpose(0, 1), dim=0), dim=0), x.transpose(0, 1))
+
+
+@pytest.mark.parametrize("dims", list(LAYOUTS.values()), ids=list(LAYOUTS))
+def test_blocked_order_contract(dims):
+    _check_blocked(dims)
+
+
+def test_blocked_order_on_random_layouts():
+    """Property test: 200 random layouts (odd and even Tw, Ts = 0, Ts not dividing Tv, Ts > Tv, Tv < Tw)."""
+    g = torch.Generator().manual_seed(1234)
+
+    def draw(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    for _ in range(200):
+        ts = draw(0, 12)
+        _check_blocked((draw(1, 24), draw(1, 3), ts, draw(1, 3) if ts else 0, draw(1, 9)))
+
+
+def test_blocks_are_half_windows_for_even_window():
+    layout = WindowLayout(vae_frames=12, vae_tokens_per_frame=2, sem_frames=3, sem_tokens_per_frame=1, window=4)
+    assert [(b.vae_start, b.vae_end) for b in layout.blocks()] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 12)]
+    # Semantic frames at p = 0, 4, 8 open blocks 0, 2 and 4.
+    assert [(b.sem_start, b.sem_end) for b in layout.blocks()] == [(0, 1), (1, 1), (1, 2), (2, 2), (2, 3), (3, 3)]
+    assert layout.window_blocks(False) == [(0, 2), (2, 4), (4, 6)]
+    assert layout.window_blocks(True) == [(0, 1), (1, 3), (3, 5), (5, 6)]
+
+
+def test_paper_scale_blocked_layout():
+    """60 s at 480p (the plan's geometry): 586,080 tokens, 18 windows, 36 half-window blocks."""
+    layout = WindowLayout(360, 1560, 48, 510, 20, order="blocked")
+    assert layout.num_tokens == 586_080
+    assert layout.num_windows(False) == 18 and len(layout.blocks()) == 36
+    cu = layout.cu_seqlens(True)
+    assert cu[-1].item() == layout.num_tokens and layout.max_window_length(False) == 20 * 1560 + 3 * 510
+
+
+@pytest.mark.parametrize(
+    "call, exc, word",
+    [
+        (lambda: WindowLayout(4, 2, 1, 1, 2, order="window-major"), ValueError, "order"),
+        (lambda: WindowLayout(4, 2, 1, 1, 2).to_blocked(torch.randn(1, 5, 2)), ValueError, "has 9"),
+        (lambda: WindowLayout(4, 2, 1, 1, 2).to_blocked(torch.randn(1, 9, 2), dim=3), ValueError, "dim"),
+        (lambda: WindowLayout(4, 2, 1, 1, 2).from_blocked([0] * 9), TypeError, "torch.Tensor"),
+    ],
+    ids=["order", "length", "dim", "not-tensor"],
+)
+def test_blocked_order_bad_arguments(call, exc, word):
+    with pytest.raises(exc, match=word):
+        call()

@@ -1,9 +1,10 @@
 """CPU backend of ``swin_attention``: one fused attention call per window, never an N x N matrix.
 
-Each window is two contiguous token ranges in caller order (its VAE frames and its semantic
-frames, see :class:`~.layout.WindowSegment`). A window with one range is a strided view of the
-inputs; a window with two is gathered with one ``cat`` (``O(L * H * D)`` bytes, negligible next to
-the ``O(L^2 * H * D)`` attention). Attention inside a window runs ATen's CPU flash-attention kernel
+Each window is at most two contiguous token ranges in the layout's order (its VAE frames and its
+semantic frames in streams order, one range in blocked order; see :class:`~.layout.WindowSegment`).
+A window with one range is a strided view of the inputs, with no gather or copy of q, k, v, dO or O in
+either pass; a window with two is gathered with one ``cat`` (``O(L * H * D)`` bytes, small next to the
+``O(L^2 * H * D)`` attention). Attention inside a window runs ATen's CPU flash-attention kernel
 (blocked online softmax, fp32 accumulation for bf16/fp16), which keeps memory at O(N * window) and
 returns the log-sum-exp that the backward needs. Ragged windows cost only their own length: there is
 no padding to the longest window.
@@ -13,7 +14,7 @@ Ops (registered in the ``semanticgen`` namespace):
 * ``semanticgen::swin_attention_cpu_fwd(q, k, v, bounds, scale) -> (out, lse)``
 * ``semanticgen::swin_attention_cpu_bwd(grad_out, q, k, v, out, lse, bounds, scale) -> (dq, dk, dv)``
 
-``bounds`` is the flattened ``[vae_start, vae_end, sem_start, sem_end]`` of every window; ``lse`` is
+``bounds`` is the flattened ``[start0, end0, start1, end1]`` of every window; ``lse`` is
 ``float32[B, H, N]`` (float64 for float64 inputs) in caller token order.
 """
 
@@ -95,11 +96,10 @@ def swin_attention_cpu_bwd(
     """Backward: ``dq, dk, dv`` (``[B, N, H, D]``) from the forward's ``out`` and ``lse``."""
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     for a, b, c, d in _windows(bounds):
-        # The CPU kernel wants dO and O in the same [B, L, H, D]-backed layout as Q.
-        do_w, q_w, k_w, v_w, o_w = (
-            _gather(t, a, b, c, d).contiguous().transpose(1, 2) for t in (grad_out, q, k, v, out)
-        )
-        lse_w = _gather(lse, a, b, c, d, dim=2).contiguous()
+        # The kernel reads each operand through its own strides (checked against fp64 on mixed-stride
+        # inputs in the tests), so a one-range window (every window in blocked order) is pure views.
+        do_w, q_w, k_w, v_w, o_w = (_gather(t, a, b, c, d).transpose(1, 2) for t in (grad_out, q, k, v, out))
+        lse_w = _gather(lse, a, b, c, d, dim=2)
         dq_w, dk_w, dv_w = _flash_bwd(do_w, q_w, k_w, v_w, o_w, lse_w, 0.0, False, attn_mask=None, scale=scale)
         for dst, src in zip(grads, (dq_w, dk_w, dv_w)):
             _scatter(dst, src.transpose(1, 2), a, b, c, d)

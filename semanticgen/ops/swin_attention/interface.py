@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import math
 import os
@@ -28,6 +27,11 @@ class Backend:
         dtypes: input dtypes it accepts.
         priority: higher wins when ``backend=None`` picks for a device.
         unavailable: ``() -> str | None``: why it cannot run on this machine (``None`` if it can).
+        accepts: ``(q) -> str | None``: why it cannot run these inputs (``q`` is ``[B, N, H, D]``), ``None``
+            if it can; ``None`` for a backend that takes whatever its ``devices`` and ``dtypes`` allow.
+            ``backend=None`` skips backends that refuse the inputs, so a faster backend with a narrower
+            envelope (FlashAttention's dtypes and head dims) falls back to a general one.
+        describe: ``() -> str``: which kernel it runs on this machine, for ``semanticgen info``.
     """
 
     name: str
@@ -36,27 +40,42 @@ class Backend:
     dtypes: tuple[torch.dtype, ...]
     priority: int
     unavailable: Callable[[], str | None] = lambda: None
+    accepts: Callable[[torch.Tensor], str | None] | None = None
+    describe: Callable[[], str] | None = None
+
+    def rejects(self, q: torch.Tensor) -> str | None:
+        """Why this backend cannot run ``q`` (dtype, then its ``accepts`` predicate), or ``None``."""
+        if q.dtype not in self.dtypes:
+            return f"supports dtypes {[str(d) for d in self.dtypes]}, got {q.dtype}"
+        return None if self.accepts is None else self.accepts(q)
 
 
 _BACKENDS: dict[str, Backend] = {}
-KNOWN_BACKENDS = ("reference", "cpu", "triton", "cuda")
+KNOWN_BACKENDS = ("reference", "cpu", "triton", "varlen", "cuda")
 # Why a known name has no implementation registered.
 _MISSING_REASON = {
-    "cuda": "no CUDA C++ attention kernel in this release: CUDA tensors use backend='triton'",
+    "cuda": "no CUDA C++ attention kernel in this release: CUDA tensors use backend='varlen' or 'triton'",
     "triton": "triton is not installed",
+    "varlen": "the varlen backend module failed to import",
 }
 # Backends whose modules register themselves on import, loaded only when something may need them:
 # importing the Triton backend pulls in triton and torch's higher-order ops (1-3 s), which plain CPU
 # users never need.
-_LAZY_BACKEND_MODULES = {"triton": "semanticgen.ops.swin_attention.triton_backend"}
+_LAZY_BACKEND_MODULES = {
+    "triton": "semanticgen.ops.swin_attention.triton_backend",
+    "varlen": "semanticgen.ops.swin_attention.varlen_backend",
+}
 
 
 def _load_lazy_backends() -> None:
     for name, module in list(_LAZY_BACKEND_MODULES.items()):
         if name not in _BACKENDS:
-            # Without triton the backend stays unregistered and reports why (_MISSING_REASON).
-            with contextlib.suppress(ImportError):
+            # A backend whose module fails to import stays unregistered and reports why (_MISSING_REASON),
+            # instead of taking every other backend down with it.
+            try:
                 importlib.import_module(module)
+            except Exception as exc:
+                _MISSING_REASON[name] = f"{module} failed to import: {type(exc).__name__}: {exc}"
         _LAZY_BACKEND_MODULES.pop(name, None)
 
 
@@ -90,18 +109,26 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
     return report
 
 
-def _select_backend(name: str | None, device: torch.device) -> Backend:
+def _select_backend(name: str | None, q: torch.Tensor) -> Backend:
+    """The backend ``backend=name`` runs ``q`` (``[B, N, H, D]``) with; ``None`` picks by priority.
+
+    ``None`` takes the highest-priority backend that runs on ``q``'s device, is available here and whose
+    ``accepts`` takes ``q``; a refused dtype is left to the caller's dtype check, so it still raises
+    ``TypeError`` naming the dtypes of the backend that would otherwise run.
+    """
+    device = q.device
     if _LAZY_BACKEND_MODULES and _may_need_lazy(name, device):
         _load_lazy_backends()
     if name is None:
-        candidates = [
+        on_device = [
             b
             for b in _BACKENDS.values()
             if device.type in b.devices and b.name != "reference" and b.unavailable() is None
         ]
-        if not candidates:
+        if not on_device:
             raise ValueError(f"swin_attention: no backend is available for {device.type} tensors")
-        return max(candidates, key=lambda b: b.priority)
+        accepting = [b for b in on_device if b.rejects(q) is None]
+        return max(accepting or on_device, key=lambda b: b.priority)
     if not isinstance(name, str):
         raise TypeError(f"swin_attention: backend must be a str or None, got {type(name).__name__}")
     if name not in KNOWN_BACKENDS:
@@ -114,6 +141,10 @@ def _select_backend(name: str | None, device: torch.device) -> Backend:
         raise ValueError(
             f"swin_attention: backend {name!r} runs on {'/'.join(backend.devices)} tensors, got {device.type} tensors"
         )
+    if q.dtype in backend.dtypes and backend.accepts is not None:
+        reason = backend.accepts(q)
+        if reason is not None:
+            raise ValueError(f"swin_attention: backend {name!r} cannot run these inputs: {reason}")
     return backend
 
 
@@ -163,8 +194,9 @@ def swin_attention(
         layout: the sequence's :class:`WindowLayout`.
         shifted: use windows shifted by ``layout.window // 2`` latent frames.
         scale: softmax scale, default ``1 / sqrt(D)``.
-        backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``None`` (fastest available
-            for the tensors' device).
+        backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"varlen"``, ``"cuda"`` or ``None`` (the
+            fastest backend available for the tensors' device that accepts them: on CUDA ``"varlen"``
+            for bf16/fp16 with a FlashAttention head dim, else ``"triton"``; on CPU ``"cpu"``).
 
     Returns:
         ``[B, N, H, D]`` in the caller's token order, dtype of ``q``.
@@ -183,7 +215,7 @@ def swin_attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"swin_attention: scale must be a positive finite float or None, got {scale!r}")
-    impl = _select_backend(backend, q.device)
+    impl = _select_backend(backend, q)
     if q.dtype not in impl.dtypes:
         raise TypeError(
             f"swin_attention: backend {impl.name!r} supports dtypes {[str(d) for d in impl.dtypes]}, got {q.dtype}"

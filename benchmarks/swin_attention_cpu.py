@@ -1,9 +1,12 @@
 """Interleaved shifted-window attention vs full attention on CPU.
 
 Baseline: ``torch.nn.functional.scaled_dot_product_attention`` over all ``N`` tokens, the attention a
-user would otherwise call. Reports milliseconds, effective GFLOP/s (in-window FLOPs only for the
-windowed op, ``N^2`` FLOPs for full attention), the speedup and the per-FLOP rate ratio, for
-forward and forward+backward, plus how time grows with sequence length at a fixed window.
+user would otherwise call. The windowed op runs on the same tokens in both orders of
+:class:`~semanticgen.ops.WindowLayout`: ``swin_attention`` (streams order, windows of two ranges) and
+``swin_attention_blocked`` (blocked order, every window one contiguous range). Reports milliseconds,
+effective GFLOP/s (in-window FLOPs only for the windowed op, ``N^2`` FLOPs for full attention), the
+speedup and the per-FLOP rate ratio, for forward and forward+backward, plus how time grows with
+sequence length at a fixed window.
 
 Run alone: ``python -m semanticgen.benchmarks.swin_attention_cpu [--quick]``.
 """
@@ -40,25 +43,35 @@ def _sdpa(q, k, v):
 
 
 def _bench_case(tv: int, quick: bool, device: str, progress) -> list[dict]:
-    layout = layout_for(tv)
-    n = layout.num_tokens
+    streams = layout_for(tv)
+    blocked = streams.with_order("blocked")
+    n = streams.num_tokens
     q, k, v = (torch.randn(1, n, HEADS, HEAD_DIM, device=device, requires_grad=True) for _ in range(3))
     grad = torch.randn_like(q)
+    # The same tokens in blocked order: a permutation changes no FLOP count, only the memory walk.
+    qb, kb, vb = (streams.to_blocked(t.detach()).requires_grad_() for t in (q, k, v))
+    grad_b = streams.to_blocked(grad)
     # Average of both parities: models alternate them layer by layer.
     win_flops = (
-        layout.attention_flops(HEAD_DIM, HEADS, shifted=False) + layout.attention_flops(HEAD_DIM, HEADS, shifted=True)
+        streams.attention_flops(HEAD_DIM, HEADS, shifted=False) + streams.attention_flops(HEAD_DIM, HEADS, shifted=True)
     ) / 2
-    full_flops = layout.full_attention_flops(HEAD_DIM, HEADS)
+    full_flops = streams.full_attention_flops(HEAD_DIM, HEADS)
 
-    def swin_fwd():
-        with torch.no_grad():
-            swin_attention(q, k, v, layout, shifted=False)
-            swin_attention(q, k, v, layout, shifted=True)
+    def swin_fwd(layout, q, k, v):
+        def run():
+            with torch.no_grad():
+                swin_attention(q, k, v, layout, shifted=False)
+                swin_attention(q, k, v, layout, shifted=True)
 
-    def swin_fwdbwd():
-        for shifted in (False, True):
-            out = swin_attention(q, k, v, layout, shifted=shifted)
-            torch.autograd.grad(out, (q, k, v), grad)
+        return run
+
+    def swin_fwdbwd(layout, q, k, v, grad):
+        def run():
+            for shifted in (False, True):
+                out = swin_attention(q, k, v, layout, shifted=shifted)
+                torch.autograd.grad(out, (q, k, v), grad)
+
+        return run
 
     def full_fwd():
         with torch.no_grad():
@@ -72,44 +85,66 @@ def _bench_case(tv: int, quick: bool, device: str, progress) -> list[dict]:
     # Full attention at the top of the sweep takes seconds per call: fewer repeats keep the suite in minutes.
     repeats = 3 if quick or n > 10_000 else 5
     rows = []
-    for pass_name, win_fn, full_fn, factor in (
-        ("fwd", swin_fwd, full_fwd, 1.0),
-        ("fwd+bwd", swin_fwdbwd, full_fwdbwd, 1.0 + BWD_FLOP_FACTOR),
+    for pass_name, fns, factor in (
+        (
+            "fwd",
+            {
+                "swin_attention": swin_fwd(streams, q, k, v),
+                "swin_attention_blocked": swin_fwd(blocked, qb, kb, vb),
+                "sdpa_full": full_fwd,
+            },
+            1.0,
+        ),
+        (
+            "fwd+bwd",
+            {
+                "swin_attention": swin_fwdbwd(streams, q, k, v, grad),
+                "swin_attention_blocked": swin_fwdbwd(blocked, qb, kb, vb, grad_b),
+                "sdpa_full": full_fwdbwd,
+            },
+            1.0 + BWD_FLOP_FACTOR,
+        ),
     ):
         progress.advance(f"attention N={n} {pass_name}")
-        timed = measure_interleaved({"win": win_fn, "full": full_fn}, device=device, repeats=repeats)
+        timed = measure_interleaved(fns, device=device, repeats=repeats)
         # Each timed call runs two layers (both parities): halve to report per-call figures.
-        win_ms, full_ms = timed["win"]["ms"] / 2, timed["full"]["ms"] / 2
-        win_gflops = factor * win_flops / (win_ms * 1e-3) / 1e9
+        full_ms = timed["sdpa_full"]["ms"] / 2
         full_gflops = factor * full_flops / (full_ms * 1e-3) / 1e9
         base = dict(
             suite="attention",
             device=device,
             tokens=n,
-            windows=layout.num_windows(False),
+            windows=streams.num_windows(False),
             heads=HEADS,
             head_dim=HEAD_DIM,
             dtype="float32",
             **{"pass": pass_name},
         )
-        rows.append(
-            {
-                **base,
-                "impl": "swin_attention",
-                "ms": win_ms,
-                "gflops": win_gflops,
-                "speedup_vs_full": full_ms / win_ms,
-                "flop_rate_vs_full": win_gflops / full_gflops,
-            }
-        )
+        for impl, order in (("swin_attention", "streams"), ("swin_attention_blocked", "blocked")):
+            ms = timed[impl]["ms"] / 2
+            gflops = factor * win_flops / (ms * 1e-3) / 1e9
+            rows.append(
+                {
+                    **base,
+                    "impl": impl,
+                    "order": order,
+                    "ms": ms,
+                    "gflops": gflops,
+                    "speedup_vs_full": full_ms / ms,
+                    "flop_rate_vs_full": gflops / full_gflops,
+                    "vs_streams": timed["swin_attention"]["ms"] / timed[impl]["ms"],
+                }
+            )
         rows.append(
             {
                 **base,
                 "impl": "sdpa_full",
+                "order": None,
                 "ms": full_ms,
                 "gflops": full_gflops,
                 "speedup_vs_full": 1.0,
                 "flop_rate_vs_full": 1.0,
+                "vs_streams": None,
             }
         )
     return rows

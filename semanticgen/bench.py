@@ -220,7 +220,7 @@ def plot_attention_scaling(rows: Sequence[dict], env: dict, path: Path) -> Path 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"swin_attention": "-o", "sdpa_full": "--s"}
+    styles = {"swin_attention": "-o", "swin_attention_blocked": "-^", "sdpa_full": "--s"}
     for impl in sorted({r["impl"] for r in attn}):
         for pass_name in ("fwd", "fwd+bwd"):
             pts = sorted((r["tokens"], r["ms"]) for r in attn if r["impl"] == impl and r["pass"] == pass_name)

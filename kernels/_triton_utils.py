@@ -2,14 +2,26 @@
 
 A kernel's launch parameters are split in two:
 
-* the *tile* (rows of one program along the window-major sequence): it decides the tile table that
-  maps programs to ``(window, first row)``, so the launcher fixes it before the launch;
-* everything else (inner block, ``num_warps``, ``num_stages``): autotuned per architecture.
+* *block sizes* (the tile: rows of one program; the inner block: rows per step of its loop over the
+  window): fixed per ``(architecture class, padded head dim, dtype class)``. The tile decides the
+  tile table the launcher builds, and the inner block decides the order in which a row's scores are
+  reduced, so fixing both makes results bitwise independent of what the autotuner picks;
+* ``num_warps`` and ``num_stages``: the only things the autotuner varies. It is keyed on the head dim,
+  the tile and a power-of-two bucket of the longest window (:func:`window_bucket`).
 
 Config tables are keyed by architecture class (``"sm80"``: A100-class, ``"sm90"``: H100-class,
 ``"interpreter"``: ``TRITON_INTERPRET=1`` on CPU tensors) and by padded head dimension. The first
-config of each list is the *default*: the only one used when autotuning is off, and the one whose
-registers and spills ``semanticgen kernels`` checks for zero spills.
+config of each list is the *default*: the only one used when autotuning is off
+(``SEMANTICGEN_TRITON_AUTOTUNE=0``), and the one ``semanticgen kernels`` holds to zero spills.
+
+Windows are addressed without a per-token index map: a tile table row holds its window's two token
+ranges and the tile's first row (:func:`tile_rows`), and inner loops walk each range as an affine run
+of rows, full blocks unmasked and one masked tail (see the kernels).
+
+TMA: on Hopper, bf16/fp16 kernels may load full key/value blocks through device-side tensor
+descriptors (``tl.make_tensor_descriptor``, present in Triton >= 3.4 and so in 3.6 and 3.8), which
+need a global scratch allocator (:func:`ensure_tma_allocator`). :func:`tma_available` says whether
+this Triton has the API; ``SEMANTICGEN_TRITON_TMA=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -29,6 +41,11 @@ __all__ = [
     "device_arch_class",
     "padded_head_dim",
     "autotune_enabled",
+    "window_bucket",
+    "tma_available",
+    "tma_enabled",
+    "ensure_tma_allocator",
+    "MAX_WINDOW_BUCKET",
 ]
 
 LOG2E = 1.4426950408889634
@@ -42,6 +59,49 @@ def interpreter_enabled() -> bool:
 def autotune_enabled() -> bool:
     """``SEMANTICGEN_TRITON_AUTOTUNE=0`` turns autotuning off: every launch then uses the default config."""
     return os.environ.get("SEMANTICGEN_TRITON_AUTOTUNE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+MAX_WINDOW_BUCKET = 8192
+
+
+def window_bucket(max_window_length: int) -> int:
+    """Autotuning bucket of a launch: next power of two of the longest window, in ``[64, 8192]``.
+
+    Short windows (few key blocks per program) and long ones favour different pipeline depths, so
+    the autotuner keys on this instead of retuning for every window length.
+    """
+    return min(MAX_WINDOW_BUCKET, max(64, triton.next_power_of_2(int(max_window_length))))
+
+
+def tma_available() -> bool:
+    """Whether this Triton has device-side tensor descriptors (``tl.make_tensor_descriptor``, Triton >= 3.4)."""
+    return hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+
+
+def tma_enabled() -> bool:
+    """:func:`tma_available` and not turned off with ``SEMANTICGEN_TRITON_TMA=0``."""
+    off = os.environ.get("SEMANTICGEN_TRITON_TMA", "1").strip().lower() in ("0", "false", "no", "off")
+    return tma_available() and not off
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    # Device-side descriptors are written to this global scratch by the kernel's prologue (128 bytes
+    # per program); torch's caching allocator returns 256-byte aligned blocks, above TMA's 64.
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_tma_allocator() -> None:
+    """Install a scratch allocator for device-side tensor descriptors unless one is set.
+
+    Triton keeps the allocator in a ``ContextVar``, so a thread that never set one (the autograd
+    engine's device threads run the backward) sees Triton's null allocator; launchers call this
+    right before launching a kernel that builds descriptors. An allocator the user set is kept.
+    """
+    from triton.runtime import _allocation
+
+    current = _allocation._allocator.get()
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
 
 
 def arch_class(capability: tuple[int, int] | None) -> str:
@@ -110,6 +170,14 @@ class ConfigTable:
     entries: dict[tuple[str, int], tuple[int, tuple[KernelConfig, ...]]]
     fp32_entries: dict[int, tuple[int, tuple[KernelConfig, ...]]] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Alternatives may differ only in warps and stages: block sizes fix the reduction order.
+        for key, (_, configs) in [*self.entries.items(), *self.fp32_entries.items()]:
+            if len({c.blocks for c in configs}) != 1:
+                raise ValueError(
+                    f"{self.kernel}: configs of {key} differ in block sizes: {[c.label() for c in configs]}"
+                )
+
     def lookup(self, arch: str, head_dim_pad: int, *, fp32: bool = False) -> tuple[int, tuple[KernelConfig, ...]]:
         """``(tile, configs)`` for an architecture class, padded head dim and input precision."""
         if fp32 and arch != "interpreter" and self.fp32_entries:
@@ -151,20 +219,77 @@ class ConfigTable:
 
 
 @triton.jit
-def tile_rows(TILES, CU_SEQLENS, PERM, tile, BLOCK: tl.constexpr):
-    """Rows of one tile: ``(win_start, win_end, offs, ok, tok)``.
+def tile_rows(TILES, tile, BLOCK: tl.constexpr):
+    """Rows of one tile: ``(start0, end0, start1, end1, ok, tok)``, no per-row index load.
 
-    ``TILES[tile] = (window, first window-major row)``; ``offs`` are the tile's ``BLOCK`` window-major
-    rows, ``ok`` masks those past the window's end, ``tok`` (int64) their caller-order tokens.
+    ``TILES[tile] = (start0, end0, start1, end1, first_row)``: the tile's window is tokens
+    ``[start0, end0) + [start1, end1)`` in the caller's order (see ``WindowLayout.segments``) and the
+    tile covers window rows ``first_row + arange(BLOCK)`` of their concatenation. A row ``r`` is token
+    ``start0 + r`` in range 0 and ``start1 + (r - len0)`` in range 1, so the tokens are computed in
+    registers (a tile may straddle the two ranges); ``ok`` masks rows past the window's end and
+    ``tok`` (int64) are the tokens (0 where not ``ok``).
     """
-    window = tl.load(TILES + 2 * tile)
-    start = tl.load(TILES + 2 * tile + 1)
-    win_start = tl.load(CU_SEQLENS + window)
-    win_end = tl.load(CU_SEQLENS + window + 1)
-    offs = start + tl.arange(0, BLOCK)
-    ok = offs < win_end
-    tok = tl.load(PERM + offs, mask=ok, other=0).to(tl.int64)
-    return win_start, win_end, offs, ok, tok
+    row = TILES + 5 * tile
+    start0 = tl.load(row)
+    end0 = tl.load(row + 1)
+    start1 = tl.load(row + 2)
+    end1 = tl.load(row + 3)
+    first = tl.load(row + 4)
+    offs = first + tl.arange(0, BLOCK)
+    len0 = end0 - start0
+    ok = offs < len0 + (end1 - start1)
+    tok = start0 + offs + tl.where(offs >= len0, start1 - end0, 0)
+    tok = tl.where(ok, tok, 0).to(tl.int64)
+    return start0, end0, start1, end1, ok, tok
+
+
+@triton.jit
+def load_rows(
+    base,
+    rows,
+    row_ok,
+    stride_n,
+    stride_d,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    MASK_ROWS: tl.constexpr,
+    TRANS: tl.constexpr,
+):
+    """Load ``base[rows, :HEAD_DIM]`` as ``[R, BLOCK_D]`` (``[BLOCK_D, R]`` when ``TRANS``), zero-padded.
+
+    Masks only what can be out of range: rows when ``MASK_ROWS`` (the ragged tail of a range), the
+    head dim only when it is padded (``HEAD_DIM < BLOCK_D``), so full blocks of a power-of-two head
+    dim load without predicates.
+    """
+    if TRANS:
+        ptrs = base + rows[None, :] * stride_n + offs_d[:, None] * stride_d
+        if MASK_ROWS and HEAD_DIM < BLOCK_D:
+            x = tl.load(ptrs, mask=row_ok[None, :] & (offs_d < HEAD_DIM)[:, None], other=0.0)
+        elif MASK_ROWS:
+            x = tl.load(ptrs, mask=row_ok[None, :], other=0.0)
+        elif HEAD_DIM < BLOCK_D:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    else:
+        ptrs = base + rows[:, None] * stride_n + offs_d[None, :] * stride_d
+        if MASK_ROWS and HEAD_DIM < BLOCK_D:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        elif MASK_ROWS:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        elif HEAD_DIM < BLOCK_D:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def store_rows(base, rows, row_ok, stride_n, stride_d, offs_d, x, HEAD_DIM: tl.constexpr):
+    """Store ``x [R, BLOCK_D]`` to ``base[rows, :HEAD_DIM]`` for the rows in ``row_ok``."""
+    ptrs = base + rows[:, None] * stride_n + offs_d[None, :] * stride_d
+    tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @triton.jit

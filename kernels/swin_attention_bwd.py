@@ -18,7 +18,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_utils import ConfigTable, KernelConfig, cast_to, device_arch_class, dot_acc, tile_rows
+from ._triton_utils import (
+    ConfigTable,
+    KernelConfig,
+    cast_to,
+    device_arch_class,
+    dot_acc,
+    load_rows,
+    store_rows,
+    tile_rows,
+)
 
 __all__ = [
     "swin_attn_bwd_preprocess_kernel",
@@ -43,35 +52,36 @@ PREPROCESS_CONFIGS = ConfigTable(
         ("interpreter", 128): (64, (_C(4, 1),)),
     },
 )
-# dK/dV: tile BLOCK_N (key rows per program) fixed; inner query block BLOCK_M autotuned.
+# dK/dV: tile BLOCK_N (key rows per program) and inner query block BLOCK_M fixed per (arch, head dim,
+# dtype class); alternatives differ only in warps and stages, so results do not depend on the winner.
 DKDV_CONFIGS = ConfigTable(
     kernel="swin_attn_bwd_dkdv",
     tile_name="BLOCK_N",
     entries={
-        ("sm90", 64): (128, (_C(8, 2, BLOCK_M=64), _C(8, 3, BLOCK_M=32), _C(8, 1, BLOCK_M=64))),
-        ("sm90", 128): (128, (_C(8, 2, BLOCK_M=32), _C(8, 1, BLOCK_M=64), _C(8, 3, BLOCK_M=32))),
+        ("sm90", 64): (128, (_C(8, 3, BLOCK_M=64), _C(8, 2, BLOCK_M=64), _C(8, 4, BLOCK_M=64))),
+        ("sm90", 128): (128, (_C(8, 3, BLOCK_M=32), _C(8, 2, BLOCK_M=32), _C(8, 4, BLOCK_M=32))),
         ("sm80", 64): (128, (_C(8, 2, BLOCK_M=32), _C(8, 3, BLOCK_M=32))),
-        ("sm80", 128): (64, (_C(8, 2, BLOCK_M=64), _C(8, 2, BLOCK_M=32), _C(8, 3, BLOCK_M=32))),
+        ("sm80", 128): (64, (_C(8, 2, BLOCK_M=64), _C(4, 2, BLOCK_M=64))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_M=32),)),
     },
     fp32_entries={
-        64: (32, (_C(4, 2, BLOCK_M=16), _C(8, 1, BLOCK_M=32))),
+        64: (32, (_C(4, 2, BLOCK_M=16), _C(8, 2, BLOCK_M=16))),
         128: (32, (_C(4, 2, BLOCK_M=16),)),
     },
 )
-# dQ: tile BLOCK_M (query rows per program) fixed; inner key block BLOCK_N autotuned.
+# dQ: tile BLOCK_M (query rows per program) and inner key block BLOCK_N fixed, as above.
 DQ_CONFIGS = ConfigTable(
     kernel="swin_attn_bwd_dq",
     tile_name="BLOCK_M",
     entries={
-        ("sm90", 64): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32), _C(4, 2, BLOCK_N=32))),
-        ("sm90", 128): (128, (_C(8, 2, BLOCK_N=32), _C(8, 2, BLOCK_N=64), _C(8, 1, BLOCK_N=64))),
-        ("sm80", 64): (128, (_C(8, 2, BLOCK_N=32), _C(8, 3, BLOCK_N=32), _C(8, 1, BLOCK_N=64))),
-        ("sm80", 128): (64, (_C(4, 2, BLOCK_N=32), _C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32), _C(8, 3, BLOCK_N=64))),
+        ("sm90", 64): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64), _C(8, 4, BLOCK_N=64))),
+        ("sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),
+        ("sm80", 64): (128, (_C(8, 2, BLOCK_N=32), _C(8, 3, BLOCK_N=32))),
+        ("sm80", 128): (64, (_C(4, 2, BLOCK_N=32), _C(8, 3, BLOCK_N=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },
     fp32_entries={
-        64: (32, (_C(4, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=32))),
+        64: (32, (_C(4, 2, BLOCK_N=16), _C(8, 2, BLOCK_N=16))),
         128: (32, (_C(4, 2, BLOCK_N=16),)),
     },
 )
@@ -118,6 +128,120 @@ def swin_attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_block(
+    dk,
+    dv,
+    k,
+    v,
+    key_ok,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    dq_base,
+    row_start,
+    row_end,
+    stride_qn,
+    stride_qd,
+    stride_don,
+    stride_dod,
+    stride_dqn,
+    stride_dqd,
+    qk_scale,
+    sm_scale,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One query block ``[row_start, row_start + BLOCK_M)`` of the dK/dV loop; returns ``dk, dv``.
+
+    ``MASKED``: the ragged tail of a range (rows at or past ``row_end`` contribute nothing).
+    ``ATOMIC_DQ``: also add this block's ``scale * dS K`` to the fp32 dQ buffer with atomics.
+    """
+    offs_m = row_start + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < row_end
+    qt = load_rows(q_base, offs_m, row_ok, stride_qn, stride_qd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
+    if MASKED:
+        lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m)
+    # Natural-log LSE -> log2 domain; the scale rides in the exp2 FMA (no separate multiply of S^T).
+    st = dot_acc(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
+    pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+    if MASKED:
+        pt = tl.where(row_ok[None, :], pt, 0.0)
+    if ATOMIC_DQ:
+        # Key rows past the window's end (zero K) can overflow exp2; dQ sums over keys, so drop them.
+        pt = tl.where(key_ok[:, None], pt, 0.0)
+    do = load_rows(do_base, offs_m, row_ok, stride_don, stride_dod, offs_d, HEAD_DIM, BLOCK_D, MASKED, False)
+    dv = dot_acc(cast_to(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
+    dpt = dot_acc(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
+    dst = cast_to(pt * (dpt - delta[None, :]), qt.dtype, UPCAST)
+    dk = dot_acc(dst, tl.trans(qt), dk, PRECISION, UPCAST)
+    if ATOMIC_DQ:
+        dq = dot_acc(tl.trans(dst), k, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), PRECISION, UPCAST)
+        ptrs = dq_base + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+        tl.atomic_add(ptrs, dq * sm_scale, mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_range(
+    dk,
+    dv,
+    k,
+    v,
+    key_ok,
+    q_base,
+    do_base,
+    lse_base,
+    delta_base,
+    dq_base,
+    lo,
+    hi,
+    stride_qn,
+    stride_qd,
+    stride_don,
+    stride_dod,
+    stride_dqn,
+    stride_dqd,
+    qk_scale,
+    sm_scale,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Queries ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail."""
+    full_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
+    for row_start in tl.range(lo, full_end, BLOCK_M):
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, row_start, hi,
+            stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, ATOMIC_DQ, PRECISION, UPCAST,
+        )  # fmt: skip
+    if full_end < hi:
+        dk, dv = _dkdv_block(
+            dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, full_end, hi,
+            stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, PRECISION, UPCAST,
+        )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
 def swin_attn_bwd_dkdv_kernel(
     Q,
     K,
@@ -125,10 +249,9 @@ def swin_attn_bwd_dkdv_kernel(
     DO,
     DK,
     DV,
+    DQ_ACC,
     LSE,
     DELTA,
-    PERM,
-    CU_SEQLENS,
     TILES,
     stride_qb,
     stride_qn,
@@ -154,10 +277,129 @@ def swin_attn_bwd_dkdv_kernel(
     stride_dvn,
     stride_dvh,
     stride_dvd,
+    stride_dqb,
+    stride_dqn,
+    stride_dqh,
+    stride_dqd,
     num_heads,
     num_tokens,
     qk_scale,
     sm_scale,
+    window_bucket,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Program ``(key tile, b * H + h)``: dK and dV of ``BLOCK_N`` key rows of one window.
+
+    Works in the transposed orientation (keys on rows) so dK and dV accumulate without a transpose
+    of the accumulators. LSE and DELTA: ``float32[B, H, N]`` contiguous, caller order; TILES:
+    ``int32[num_tiles, 5]`` (see :func:`tile_rows`). ``ATOMIC_DQ``: DQ_ACC is an fp32 ``[B, N, H, D]``
+    buffer, zeroed by the caller, that receives ``scale * dS K`` with atomics (non-deterministic
+    summation order); otherwise DQ_ACC and its strides are ignored.
+    """
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // num_heads).to(tl.int64)
+    h = (bh % num_heads).to(tl.int64)
+
+    start0, end0, start1, end1, key_ok, tok_k = tile_rows(TILES, tile, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = load_rows(
+        K + b * stride_kb + h * stride_kh, tok_k, key_ok, stride_kn, stride_kd, offs_d, HEAD_DIM, BLOCK_D, True, False
+    )
+    v = load_rows(
+        V + b * stride_vb + h * stride_vh, tok_k, key_ok, stride_vn, stride_vd, offs_d, HEAD_DIM, BLOCK_D, True, False
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_dob + h * stride_doh
+    dq_base = DQ_ACC + b * stride_dqb + h * stride_dqh
+    lse_base = LSE + bh.to(tl.int64) * num_tokens
+    delta_base = DELTA + bh.to(tl.int64) * num_tokens
+    dk, dv = _dkdv_range(
+        dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, start0, end0,
+        stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, PRECISION, UPCAST,
+    )  # fmt: skip
+    dk, dv = _dkdv_range(
+        dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, start1, end1,
+        stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, PRECISION, UPCAST,
+    )  # fmt: skip
+
+    store_rows(
+        DK + b * stride_dkb + h * stride_dkh, tok_k, key_ok, stride_dkn, stride_dkd, offs_d,
+        cast_to(dk * sm_scale, DK.dtype.element_ty, UPCAST), HEAD_DIM,
+    )  # fmt: skip
+    store_rows(
+        DV + b * stride_dvb + h * stride_dvh, tok_k, key_ok, stride_dvn, stride_dvd, offs_d,
+        cast_to(dv, DV.dtype.element_ty, UPCAST), HEAD_DIM,
+    )  # fmt: skip
+
+
+@triton.jit
+def _dq_block(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    col_start,
+    col_end,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    qk_scale,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One key block of the dQ loop; ``MASKED`` drops columns at or past ``col_end``. Returns ``dq``."""
+    offs_n = col_start + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < col_end
+    kt = load_rows(k_base, offs_n, col_ok, stride_kn, stride_kd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
+    vt = load_rows(v_base, offs_n, col_ok, stride_vn, stride_vd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
+    s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if MASKED:
+        p = tl.where(col_ok[None, :], p, 0.0)
+    dp = dot_acc(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+    ds = p * (dp - delta[:, None])
+    return dot_acc(cast_to(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
+
+
+@triton.jit
+def _dq_range(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    k_base,
+    v_base,
+    lo,
+    hi,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    qk_scale,
+    offs_d,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -165,72 +407,19 @@ def swin_attn_bwd_dkdv_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Program ``(key tile, b * H + h)``: dK and dV of ``BLOCK_N`` window-major key rows.
-
-    Works in the transposed orientation (keys on rows) so dK and dV accumulate without a transpose
-    of the accumulators. LSE and DELTA: ``float32[B, H, N]`` contiguous, caller order.
-    """
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // num_heads).to(tl.int64)
-    h = (bh % num_heads).to(tl.int64)
-
-    win_start, win_end, offs_n, col_ok, tok_k = tile_rows(TILES, CU_SEQLENS, PERM, tile, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    kv_mask = col_ok[:, None] & d_ok[None, :]
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + tok_k[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + tok_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-
-    q_base = Q + b * stride_qb + h * stride_qh
-    do_base = DO + b * stride_dob + h * stride_doh
-    stat_base = bh.to(tl.int64) * num_tokens
-    for row_start in tl.range(win_start, win_end, BLOCK_M):
-        offs_m = row_start + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < win_end
-        tok_q = tl.load(PERM + offs_m, mask=row_ok, other=0).to(tl.int64)
-        qt = tl.load(
-            q_base + tok_q[None, :] * stride_qn + offs_d[:, None] * stride_qd,
-            mask=row_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        # Natural-log LSE -> log2 domain, matching exp2 of scores scaled by log2(e) * scale.
-        lse2 = tl.load(LSE + stat_base + tok_q, mask=row_ok, other=0.0) * 1.4426950408889634
-        st = dot_acc(k, qt, tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
-        pt = tl.math.exp2(st - lse2[None, :])
-        pt = tl.where(row_ok[None, :] & col_ok[:, None], pt, 0.0)
-        do = tl.load(
-            do_base + tok_q[:, None] * stride_don + offs_d[None, :] * stride_dod,
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        dv = dot_acc(cast_to(pt, do.dtype, UPCAST), do, dv, PRECISION, UPCAST)
-        delta = tl.load(DELTA + stat_base + tok_q, mask=row_ok, other=0.0)
-        dpt = dot_acc(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32), PRECISION, UPCAST)
-        dst = pt * (dpt - delta[None, :])
-        dk = dot_acc(cast_to(dst, qt.dtype, UPCAST), tl.trans(qt), dk, PRECISION, UPCAST)
-
-    dk = dk * sm_scale
-    tl.store(
-        DK + b * stride_dkb + h * stride_dkh + tok_k[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        cast_to(dk, DK.dtype.element_ty, UPCAST),
-        mask=kv_mask,
-    )
-    tl.store(
-        DV + b * stride_dvb + h * stride_dvh + tok_k[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-        cast_to(dv, DV.dtype.element_ty, UPCAST),
-        mask=kv_mask,
-    )
+    """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail."""
+    full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    for col_start in tl.range(lo, full_end, BLOCK_N):
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, col_start, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+            qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PRECISION, UPCAST,
+        )  # fmt: skip
+    if full_end < hi:
+        dq = _dq_block(
+            dq, q, do, lse2, delta, k_base, v_base, full_end, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+            qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, PRECISION, UPCAST,
+        )  # fmt: skip
+    return dq
 
 
 @triton.jit
@@ -242,8 +431,6 @@ def swin_attn_bwd_dq_kernel(
     DQ,
     LSE,
     DELTA,
-    PERM,
-    CU_SEQLENS,
     TILES,
     stride_qb,
     stride_qn,
@@ -269,6 +456,7 @@ def swin_attn_bwd_dq_kernel(
     num_tokens,
     qk_scale,
     sm_scale,
+    window_bucket,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -276,26 +464,21 @@ def swin_attn_bwd_dq_kernel(
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Program ``(query tile, b * H + h)``: dQ of ``BLOCK_M`` window-major query rows."""
+    """Program ``(query tile, b * H + h)``: dQ of ``BLOCK_M`` query rows of one window."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
 
-    win_start, win_end, offs_m, row_ok, tok_q = tile_rows(TILES, CU_SEQLENS, PERM, tile, BLOCK_M)
+    start0, end0, start1, end1, row_ok, tok_q = tile_rows(TILES, tile, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qn + offs_d[None, :] * stride_qd,
-        mask=q_mask,
-        other=0.0,
+    q = load_rows(
+        Q + b * stride_qb + h * stride_qh, tok_q, row_ok, stride_qn, stride_qd, offs_d, HEAD_DIM, BLOCK_D, True, False
     )
-    do = tl.load(
-        DO + b * stride_dob + h * stride_doh + tok_q[:, None] * stride_don + offs_d[None, :] * stride_dod,
-        mask=q_mask,
-        other=0.0,
-    )
+    do = load_rows(
+        DO + b * stride_dob + h * stride_doh, tok_q, row_ok, stride_don, stride_dod, offs_d, HEAD_DIM, BLOCK_D,
+        True, False,
+    )  # fmt: skip
     stat_base = bh.to(tl.int64) * num_tokens
     lse2 = tl.load(LSE + stat_base + tok_q, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat_base + tok_q, mask=row_ok, other=0.0)
@@ -303,26 +486,18 @@ def swin_attn_bwd_dq_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    for col_start in tl.range(win_start, win_end, BLOCK_N):
-        offs_n = col_start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < win_end
-        tok_k = tl.load(PERM + offs_n, mask=col_ok, other=0).to(tl.int64)
-        kt_mask = col_ok[None, :] & d_ok[:, None]
-        kt = tl.load(k_base + tok_k[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kt_mask, other=0.0)
-        vt = tl.load(v_base + tok_k[None, :] * stride_vn + offs_d[:, None] * stride_vd, mask=kt_mask, other=0.0)
-        s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
-        p = tl.math.exp2(s - lse2[:, None])
-        p = tl.where(col_ok[None, :], p, 0.0)
-        dp = dot_acc(do, vt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
-        dq = dot_acc(cast_to(ds, kt.dtype, UPCAST), tl.trans(kt), dq, PRECISION, UPCAST)
-
-    dq = dq * sm_scale
-    tl.store(
-        DQ + b * stride_dqb + h * stride_dqh + tok_q[:, None] * stride_dqn + offs_d[None, :] * stride_dqd,
-        cast_to(dq, DQ.dtype.element_ty, UPCAST),
-        mask=q_mask,
-    )
+    dq = _dq_range(
+        dq, q, do, lse2, delta, k_base, v_base, start0, end0, stride_kn, stride_kd, stride_vn, stride_vd,
+        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, UPCAST,
+    )  # fmt: skip
+    dq = _dq_range(
+        dq, q, do, lse2, delta, k_base, v_base, start1, end1, stride_kn, stride_kd, stride_vn, stride_vd,
+        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, UPCAST,
+    )  # fmt: skip
+    store_rows(
+        DQ + b * stride_dqb + h * stride_dqh, tok_q, row_ok, stride_dqn, stride_dqd, offs_d,
+        cast_to(dq * sm_scale, DQ.dtype.element_ty, UPCAST), HEAD_DIM,
+    )  # fmt: skip
 
 
 def _select(table: ConfigTable):
@@ -336,7 +511,7 @@ def _select(table: ConfigTable):
 def _tuned(fn, table: ConfigTable):
     return triton.autotune(
         configs=table.all_triton_configs(),
-        key=["HEAD_DIM", table.tile_name],
+        key=["HEAD_DIM", table.tile_name, "window_bucket"],
         prune_configs_by={"early_config_prune": table.pruner(_select(table))},
     )(fn)
 

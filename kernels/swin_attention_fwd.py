@@ -1,12 +1,24 @@
 """Forward Triton kernel of interleaved shifted-window attention, in place on ``[B, N, H, D]`` tensors.
 
-One program computes ``BLOCK_M`` window-major rows of one window for one ``(batch, head)``: it
-reads its row's tokens through ``perm`` (window-major row -> caller token), streams the window's
-keys and values in ``BLOCK_N`` blocks with an online softmax (FlashAttention-2: running max and
-sum in fp32, exp2 with the scale folded into ``log2(e) * scale``) and writes the output and the
-log-sum-exp straight back to the caller's token positions. No copy of q, k, v or o is ever
-permuted. A tile table ``[num_tiles, 2] = (window, first row)`` covers each window with
-``ceil(L_w / BLOCK_M)`` tiles, so ragged and half windows cost only their own tiles.
+One program computes ``BLOCK_M`` rows of one window for one ``(batch, head)``. A window is at most two
+contiguous token ranges of the caller's order (VAE tokens then semantic tokens in ``"streams"`` order,
+one range in ``"blocked"`` order), so nothing is read through a per-token index map:
+
+* the tile table row ``(start0, end0, start1, end1, first_row)`` gives the program its window's ranges;
+  its query rows' tokens are computed in registers (a tile may straddle the two ranges);
+* the key/value loop runs over range 0 and then range 1, each an affine run of rows
+  (``base + arange``) whose addresses depend on no load, so Triton's software pipeline can prefetch
+  ``num_stages - 1`` blocks ahead. Full blocks load without masks; only the one ragged tail block of a
+  range masks its columns;
+* online softmax (FlashAttention-2): running max and sum in fp32, ``exp2`` with the softmax scale
+  folded into its argument (``qk_scale = scale * log2(e)``, applied as one FMA per score, never a
+  separate multiply of the score block);
+* on Hopper with bf16/fp16 and TMA-compatible strides (``TMA``), full key/value blocks come through
+  device-side tensor descriptors (``cp.async.bulk.tensor``); the tail block and every other case use
+  pointer loads.
+
+The output and the natural-log log-sum-exp go straight back to the caller's token positions; no copy
+of q, k, v or o is ever permuted. Ragged and half windows cost only their own tiles.
 """
 
 from __future__ import annotations
@@ -14,28 +26,137 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._triton_utils import LOG2E, ConfigTable, KernelConfig, cast_to, device_arch_class, dot_acc, tile_rows
+from ._triton_utils import (
+    LOG2E,
+    ConfigTable,
+    KernelConfig,
+    cast_to,
+    device_arch_class,
+    dot_acc,
+    load_rows,
+    store_rows,
+    tile_rows,
+)
 
 __all__ = ["swin_attn_fwd_kernel", "swin_attn_fwd_kernel_tuned", "FWD_CONFIGS", "LOG2E"]
 
 _C = KernelConfig.make
-# Tile BLOCK_M is fixed per (arch, head dim); BLOCK_N, warps and stages are autotuned. The first
-# config is the default. Chosen so every default compiles without spills (see `semanticgen kernels`).
+# Tile BLOCK_M and key block BLOCK_N are fixed per (arch, head dim, dtype class); only warps and stages
+# are autotuned (bitwise-identical results whichever wins). The first config is the default, chosen so
+# every default compiles without spills (see `semanticgen kernels`).
 FWD_CONFIGS = ConfigTable(
     kernel="swin_attn_fwd",
     tile_name="BLOCK_M",
     entries={
-        ("sm90", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 3, BLOCK_N=64), _C(8, 4, BLOCK_N=128), _C(4, 4, BLOCK_N=32))),
-        ("sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64), _C(4, 3, BLOCK_N=32))),
-        ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 4, BLOCK_N=32), _C(8, 2, BLOCK_N=32))),
-        ("sm80", 128): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=32))),
+        ("sm90", 64): (128, (_C(8, 3, BLOCK_N=128), _C(8, 2, BLOCK_N=128), _C(8, 4, BLOCK_N=128))),
+        ("sm90", 128): (128, (_C(8, 3, BLOCK_N=128), _C(8, 2, BLOCK_N=128))),
+        ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),
+        ("sm80", 128): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=64))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },
     fp32_entries={
-        64: (32, (_C(8, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=32))),
+        64: (32, (_C(8, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=16))),
         128: (32, (_C(8, 1, BLOCK_N=16),)),
     },
 )
+
+
+@triton.jit
+def _fwd_block(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    col_start,
+    col_end,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    qk_scale,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """One key block ``[col_start, col_start + BLOCK_N)`` of the online softmax; returns ``acc, m_i, l_i``.
+
+    ``MASKED``: the ragged tail of a range (columns at or past ``col_end`` are dropped); otherwise the
+    block is full and needs no predicate. ``TMA``: full blocks load through the descriptors.
+    """
+    offs_n = col_start + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < col_end
+    if TMA and not MASKED:
+        kt = tl.trans(k_desc.load([col_start, 0]))
+    else:
+        kt = load_rows(k_base, offs_n, col_ok, stride_kn, stride_kd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
+    s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
+    if MASKED:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    # Every block has a valid column, so m_new is finite; the scale rides in the exp2 FMA below.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if TMA and not MASKED:
+        v = v_desc.load([col_start, 0])
+    else:
+        v = load_rows(v_base, offs_n, col_ok, stride_vn, stride_vd, offs_d, HEAD_DIM, BLOCK_D, MASKED, False)
+    acc = dot_acc(cast_to(p, v.dtype, UPCAST), v, acc, PRECISION, UPCAST)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fwd_range(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_base,
+    v_base,
+    k_desc,
+    v_desc,
+    lo,
+    hi,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    qk_scale,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail."""
+    full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+    for col_start in tl.range(lo, full_end, BLOCK_N):
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, col_start, hi,
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, TMA, PRECISION, UPCAST,
+        )  # fmt: skip
+    if full_end < hi:
+        acc, m_i, l_i = _fwd_block(
+            acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, full_end, hi,
+            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
+            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, TMA, PRECISION, UPCAST,
+        )  # fmt: skip
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -45,8 +166,6 @@ def swin_attn_fwd_kernel(
     V,
     Out,
     LSE,
-    PERM,
-    CU_SEQLENS,
     TILES,
     stride_qb,
     stride_qn,
@@ -67,67 +186,64 @@ def swin_attn_fwd_kernel(
     num_heads,
     num_tokens,
     qk_scale,
+    window_bucket,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """Program ``(tile, b * H + h)``.
 
-    Q, K, V, Out: ``[B, N, H, D]`` (any strides); LSE: ``float32[B, H, N]`` contiguous, natural log;
-    PERM: ``int32[N]``; CU_SEQLENS: ``int32[W + 1]``; TILES: ``int32[num_tiles, 2]``.
-    ``qk_scale`` is ``softmax_scale * log2(e)``.
+    Q, K, V, Out: ``[B, N, H, D]`` (any strides; ``TMA`` needs ``stride_*d == 1`` and 16-byte aligned
+    other strides); LSE: ``float32[B, H, N]`` contiguous, natural log; TILES: ``int32[num_tiles, 5]``
+    (see :func:`tile_rows`). ``qk_scale`` is ``softmax_scale * log2(e)``. ``window_bucket`` is unused
+    by the body: it is the autotuner's key for the window length.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
     h = (bh % num_heads).to(tl.int64)
 
-    win_start, win_end, offs_m, row_ok, tok_q = tile_rows(TILES, CU_SEQLENS, PERM, tile, BLOCK_M)
+    start0, end0, start1, end1, row_ok, tok_q = tile_rows(TILES, tile, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + tok_q[:, None] * stride_qn + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-
+    q = load_rows(
+        Q + b * stride_qb + h * stride_qh, tok_q, row_ok, stride_qn, stride_qd, offs_d, HEAD_DIM, BLOCK_D, True, False
+    )
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    for col_start in tl.range(win_start, win_end, BLOCK_N):
-        offs_n = col_start + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < win_end
-        tok_k = tl.load(PERM + offs_n, mask=col_ok, other=0).to(tl.int64)
-        kt = tl.load(
-            k_base + tok_k[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-            mask=col_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-        # Every block has at least one valid column (col_start < win_end), so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = tl.load(
-            v_base + tok_k[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        acc = dot_acc(cast_to(p, v.dtype, UPCAST), v, acc, PRECISION, UPCAST)
-        m_i = m_new
+    if TMA:
+        # One (b, h) slice is a [N, D] matrix with row stride stride_*n; columns past D read as zero.
+        k_desc = tl.make_tensor_descriptor(k_base, [num_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [num_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
+    acc, m_i, l_i = _fwd_range(
+        acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, start0, end0,
+        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PRECISION, UPCAST,
+    )  # fmt: skip
+    acc, m_i, l_i = _fwd_range(
+        acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, start1, end1,
+        stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PRECISION, UPCAST,
+    )  # fmt: skip
 
     acc = acc / l_i[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + tok_q[:, None] * stride_on + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, cast_to(acc, Out.dtype.element_ty, UPCAST), mask=row_ok[:, None] & d_ok[None, :])
+    store_rows(
+        Out + b * stride_ob + h * stride_oh, tok_q, row_ok, stride_on, stride_od, offs_d,
+        cast_to(acc, Out.dtype.element_ty, UPCAST), HEAD_DIM,
+    )  # fmt: skip
     # Natural-log LSE of the scaled scores: (m + log2 l) / log2(e).
-    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453
     tl.store(LSE + bh.to(tl.int64) * num_tokens + tok_q, lse, mask=row_ok)
 
 
@@ -138,6 +254,6 @@ def _select_fwd(named_args, kwargs):
 
 swin_attn_fwd_kernel_tuned = triton.autotune(
     configs=FWD_CONFIGS.all_triton_configs(),
-    key=["HEAD_DIM", "BLOCK_M"],
+    key=["HEAD_DIM", "BLOCK_M", "window_bucket"],
     prune_configs_by={"early_config_prune": FWD_CONFIGS.pruner(_select_fwd)},
 )(swin_attn_fwd_kernel)

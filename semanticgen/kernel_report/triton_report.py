@@ -57,7 +57,7 @@ def _specs() -> list[KernelSpec]:
             "swin_attn_fwd",
             fwd.swin_attn_fwd_kernel,
             fwd.FWD_CONFIGS,
-            {"Q": "in", "K": "in", "V": "in", "Out": "in", "LSE": "fp32", "PERM": i32, "CU_SEQLENS": i32, "TILES": i32},
+            {"Q": "in", "K": "in", "V": "in", "Out": "in", "LSE": "fp32", "TILES": i32},
             floats=("qk_scale",),
         ),
         KernelSpec(
@@ -73,7 +73,7 @@ def _specs() -> list[KernelSpec]:
             bwd.DKDV_CONFIGS,
             {
                 **{n: "in" for n in ("Q", "K", "V", "DO", "DK", "DV")},
-                **{"LSE": "fp32", "DELTA": "fp32", "PERM": i32, "CU_SEQLENS": i32, "TILES": i32},
+                **{"DQ_ACC": "fp32", "LSE": "fp32", "DELTA": "fp32", "TILES": i32},
             },
             floats=("qk_scale", "sm_scale"),
         ),
@@ -83,7 +83,7 @@ def _specs() -> list[KernelSpec]:
             bwd.DQ_CONFIGS,
             {
                 **{n: "in" for n in ("Q", "K", "V", "DO", "DQ")},
-                **{"LSE": "fp32", "DELTA": "fp32", "PERM": i32, "CU_SEQLENS": i32, "TILES": i32},
+                **{"LSE": "fp32", "DELTA": "fp32", "TILES": i32},
             },
             floats=("qk_scale", "sm_scale"),
         ),

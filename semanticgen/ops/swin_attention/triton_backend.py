@@ -3,44 +3,73 @@
 Layers (kernels in ``semanticgen.kernels.swin_attention_fwd`` / ``swin_attention_bwd``):
 
 * :func:`_launch_fwd` / :func:`_launch_bwd` allocate outputs (inputs are checked by the interface) and launch the
-  kernels on ``[B, N, H, D]`` tensors with their own strides, through the layout's window-major
-  index map (``perm``, ``cu_seqlens``) and tile tables, so no permuted copy is made.
-* Ops ``semanticgen::swin_attention_triton_fwd(q, k, v, perm, cu_seqlens, fwd_tiles, dq_tiles,
-  dkdv_tiles, scale, fwd_block, dq_block, dkdv_block) -> (out, lse)`` and
+  kernels on ``[B, N, H, D]`` tensors with their own strides, in the layout's token order. Windows are
+  described by tile tables only (:func:`tile_table`: each program's window as two token ranges plus its
+  first row), so no index map and no permuted copy exist.
+* Ops ``semanticgen::swin_attention_triton_fwd(q, k, v, fwd_tiles, dq_tiles, dkdv_tiles, scale, fwd_block,
+  dq_block, dkdv_block, window_bucket, atomic_dq) -> (out, lse)`` and
   ``semanticgen::swin_attention_triton_bwd(...) -> (dq, dk, dv)``, registered with
   ``torch.library.triton_op`` so ``torch.compile`` sees the kernels. The forward takes the
-  backward's tile tables too, because autograd saves only op inputs and outputs.
+  backward's tile tables and options too, because autograd saves only op inputs and outputs.
 * Under ``TRITON_INTERPRET=1`` (CPU tensors, used by the tests) the same launchers are registered as
   ``torch.library.custom_op`` ops named ``..._interp_fwd`` / ``..._interp_bwd`` with explicit fake
   implementations instead: ``wrap_triton`` hands interpreted kernels back unwrapped, so a
   ``triton_op`` would run the interpreter on fake tensors while tracing and fail.
 
-Tile tables (``int32[num_tiles, 2]``: window, first window-major row) are built once per layout,
-parity, device and tile size and cached in ``layout._cache`` next to the index map.
+Tile tables are built once per layout, parity, device and tile size and cached in ``layout._cache``.
 
-The backward is deterministic by construction (no atomics; see ``swin_attention_bwd``).
+TMA: on compute capability 9.x with bf16/fp16 inputs whose key/value strides allow it (contiguous head
+dim, 16-byte aligned strides and offset) the forward loads full key/value blocks through device-side
+tensor descriptors; ``SEMANTICGEN_TRITON_TMA=0`` forces the pointer path. Everywhere else (sm_80, fp32,
+odd strides, Triton without ``tl.make_tensor_descriptor``, the interpreter) the pointer path runs.
+
+Backward determinism: by default the backward has no atomics (a dK/dV kernel and a separate dQ kernel,
+every output element written by one program in a fixed order), so gradients are bitwise reproducible.
+``SEMANTICGEN_SWIN_ATOMIC_DQ=1`` opts into a faster, **non-deterministic** backward: dQ is accumulated
+inside the dK/dV kernel with fp32 ``atomic_add`` (5 GEMMs per block instead of 7, one launch fewer), so
+its summation order varies run to run. It is refused with a ``RuntimeError`` while
+``torch.use_deterministic_algorithms(True)`` is in effect.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
 from .interface import Backend, register_backend
 from .layout import WindowLayout
 
-__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "triton_unavailable", "swin_attention_triton", "tile_table"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "MAX_HEAD_DIM",
+    "ATOMIC_DQ_ENV",
+    "triton_unavailable",
+    "swin_attention_triton",
+    "tile_table",
+    "atomic_dq_requested",
+]
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_HEAD_DIM = 128
 MAX_GRID_Y = 65535  # programs along grid axis 1 (batch * heads)
+ATOMIC_DQ_ENV = "SEMANTICGEN_SWIN_ATOMIC_DQ"
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
+# Tests flip this to run the tensor-descriptor path in the interpreter (which implements descriptors).
+_TMA_UNDER_INTERPRETER = False
 
 if _TRITON_FOUND:
     from torch.library import wrap_triton  # passes interpreted kernels through unwrapped
 
-    from semanticgen.kernels._triton_utils import device_arch_class, interpreter_enabled, padded_head_dim
+    from semanticgen.kernels._triton_utils import (
+        device_arch_class,
+        ensure_tma_allocator,
+        interpreter_enabled,
+        padded_head_dim,
+        tma_enabled,
+        window_bucket,
+    )
     from semanticgen.kernels.swin_attention_bwd import (
         DKDV_CONFIGS,
         DQ_CONFIGS,
@@ -66,25 +95,41 @@ def triton_unavailable() -> str | None:
 
 
 # ------------------------------------------------------------------------------------ tile tables
-def tile_table(layout: WindowLayout, shifted: bool, device: torch.device, block: int) -> torch.Tensor:
-    """``int32[num_tiles, 2]``: ``(window, first window-major row)`` of every ``block``-row tile.
+def tile_table(layout: WindowLayout, shifted: bool, device: torch.device | str, block: int) -> torch.Tensor:
+    """``int32[num_tiles, 5]``: ``(start0, end0, start1, end1, first_row)`` of every ``block``-row tile.
 
-    A window of ``L`` tokens gets ``ceil(L / block)`` tiles, so work follows the real window
-    lengths. Cached on the layout per ``(parity, device, block)``.
+    A window of ``L`` tokens, ``[start0, end0) + [start1, end1)`` in ``layout.order`` (see
+    ``WindowLayout.segments``), gets ``ceil(L / block)`` tiles of window rows ``first_row + [0, block)``
+    (rows count through range 0 and then range 1, so a tile may straddle them), so work follows the
+    real window lengths. Cached on the layout per ``(order, parity, device, block)``.
     """
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"tile_table: block must be a positive int, got {block!r}")
     device = torch.device(device)
-    key = ("triton_tiles", bool(shifted), str(device), int(block))
+    key = ("triton_tiles", layout.order, bool(shifted), str(device), block)
     cached = layout._cache.get(key)
     if cached is not None:
         return cached
-    rows: list[tuple[int, int]] = []
-    start = 0
-    for window, length in enumerate(layout.window_lengths(shifted)):
-        rows.extend((window, start + r) for r in range(0, length, block))
-        start += length
-    table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 2).to(device)
+    rows = [(*seg, first) for seg in layout.segments(shifted) for first in range(0, seg.length, block)]
+    if layout.num_tokens >= 2**31:
+        raise ValueError(f"tile_table: {layout.num_tokens} tokens do not fit the int32 tile table")
+    table = torch.tensor(rows, dtype=torch.int32).reshape(-1, 5).to(device)
     # Two threads racing here build equal tables; keeping either is fine.
     return layout._cache.setdefault(key, table)
+
+
+def atomic_dq_requested() -> bool:
+    """Whether ``SEMANTICGEN_SWIN_ATOMIC_DQ`` asks for the non-deterministic atomic-dQ backward.
+
+    Raises:
+        ValueError: the variable holds something other than 0/1/true/false/yes/no/on/off.
+    """
+    raw = os.environ.get(ATOMIC_DQ_ENV, "0").strip().lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{ATOMIC_DQ_ENV} must be 0 or 1, got {os.environ[ATOMIC_DQ_ENV]!r}")
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -104,11 +149,32 @@ def _upcast_dots() -> bool:
     return _INTERPRET
 
 
+def _tma_strides_ok(t: torch.Tensor) -> bool:
+    # A TMA descriptor over one (b, h) slice [N, D]: contiguous head dim, base and row stride 16-byte
+    # aligned. The storage itself is assumed 16-byte aligned (torch's allocators give 256 / 64 bytes).
+    size = t.element_size()
+    return t.stride(3) == 1 and all((x * size) % 16 == 0 for x in (*t.stride()[:3], t.storage_offset()))
+
+
+def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
+    if k.dtype not in (torch.bfloat16, torch.float16) or not tma_enabled():
+        return False
+    if k.device.type == "cuda":
+        if _INTERPRET or torch.cuda.get_device_capability(k.device)[0] != 9:
+            return False
+    elif not (_INTERPRET and _TMA_UNDER_INTERPRETER):
+        return False
+    return _tma_strides_ok(k) and _tma_strides_ok(v)
+
+
 # -------------------------------------------------------------------------------------- launchers
-def _launch_fwd(q, k, v, perm, cu_seqlens, fwd_tiles, scale, fwd_block):
+def _launch_fwd(q, k, v, fwd_tiles, scale, fwd_block, bucket):
     batch, num_tokens, heads, head_dim = q.shape
     out = torch.empty((batch, num_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_tokens), dtype=torch.float32, device=q.device)
+    tma = _use_tma(k, v)
+    if tma and not _INTERPRET:
+        ensure_tma_allocator()
     grid = (fwd_tiles.shape[0], batch * heads)
     wrap_triton(swin_attn_fwd_kernel_tuned)[grid](
         q,
@@ -116,8 +182,6 @@ def _launch_fwd(q, k, v, perm, cu_seqlens, fwd_tiles, scale, fwd_block):
         v,
         out,
         lse,
-        perm,
-        cu_seqlens,
         fwd_tiles,
         *_strides(q),
         *_strides(k),
@@ -126,16 +190,18 @@ def _launch_fwd(q, k, v, perm, cu_seqlens, fwd_tiles, scale, fwd_block):
         heads,
         num_tokens,
         scale * LOG2E,
+        bucket,
         HEAD_DIM=head_dim,
         BLOCK_D=padded_head_dim(head_dim),
         BLOCK_M=fwd_block,
+        TMA=tma,
         PRECISION=_precision(q.dtype),
         UPCAST=_upcast_dots(),
     )
     return out, lse
 
 
-def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_tiles, scale, dq_block, dkdv_block):
+def _launch_bwd(grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, scale, dq_block, dkdv_block, bucket, atomic_dq):
     batch, num_tokens, heads, head_dim = q.shape
     block_d = padded_head_dim(head_dim)
     arch = device_arch_class(q.device)
@@ -156,9 +222,11 @@ def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_ti
         num_stages=pre_cfg.num_stages,
     )
     shape = (batch, num_tokens, heads, head_dim)
-    dq = torch.empty(shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(shape, dtype=q.dtype, device=q.device)
     dv = torch.empty(shape, dtype=q.dtype, device=q.device)
+    # The atomic path accumulates dQ in fp32 (zeroed); otherwise the kernel ignores DQ_ACC.
+    dq_acc = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
+    dq_acc_strides = _strides(dq_acc) if atomic_dq else (0, 0, 0, 0)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=_precision(q.dtype), UPCAST=_upcast_dots())
     wrap_triton(swin_attn_bwd_dkdv_kernel_tuned)[(dkdv_tiles.shape[0], batch * heads)](
         q,
@@ -167,10 +235,9 @@ def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_ti
         grad_out,
         dk,
         dv,
+        dq_acc,
         lse,
         delta,
-        perm,
-        cu_seqlens,
         dkdv_tiles,
         *_strides(q),
         *_strides(k),
@@ -178,13 +245,19 @@ def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_ti
         *_strides(grad_out),
         *_strides(dk),
         *_strides(dv),
+        *dq_acc_strides,
         heads,
         num_tokens,
         scale * LOG2E,
         scale,
+        bucket,
         BLOCK_N=dkdv_block,
+        ATOMIC_DQ=atomic_dq,
         **common,
     )
+    if atomic_dq:
+        return dq_acc.to(q.dtype), dk, dv
+    dq = torch.empty(shape, dtype=q.dtype, device=q.device)
     wrap_triton(swin_attn_bwd_dq_kernel_tuned)[(dq_tiles.shape[0], batch * heads)](
         q,
         k,
@@ -193,8 +266,6 @@ def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_ti
         dq,
         lse,
         delta,
-        perm,
-        cu_seqlens,
         dq_tiles,
         *_strides(q),
         *_strides(k),
@@ -205,6 +276,7 @@ def _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_ti
         num_tokens,
         scale * LOG2E,
         scale,
+        bucket,
         BLOCK_M=dq_block,
         **common,
     )
@@ -220,8 +292,6 @@ def _fwd_body(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    perm: torch.Tensor,
-    cu_seqlens: torch.Tensor,
     fwd_tiles: torch.Tensor,
     dq_tiles: torch.Tensor,
     dkdv_tiles: torch.Tensor,
@@ -229,9 +299,15 @@ def _fwd_body(
     fwd_block: int,
     dq_block: int,
     dkdv_block: int,
+    window_bucket: int,
+    atomic_dq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``out [B, N, H, D]`` (q's dtype) and ``lse float32[B, H, N]`` (natural log), caller order."""
-    return _launch_fwd(q, k, v, perm, cu_seqlens, fwd_tiles, scale, fwd_block)
+    """Forward: ``out [B, N, H, D]`` (q's dtype) and ``lse float32[B, H, N]`` (natural log), caller order.
+
+    ``*_tiles``: :func:`tile_table` of each kernel's tile size (``*_block``); ``window_bucket``: the
+    autotuning key (``kernels._triton_utils.window_bucket``); ``atomic_dq``: backward mode, saved for it.
+    """
+    return _launch_fwd(q, k, v, fwd_tiles, scale, fwd_block, window_bucket)
 
 
 def _bwd_body(
@@ -241,26 +317,28 @@ def _bwd_body(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    perm: torch.Tensor,
-    cu_seqlens: torch.Tensor,
     dq_tiles: torch.Tensor,
     dkdv_tiles: torch.Tensor,
     scale: float,
     dq_block: int,
     dkdv_block: int,
+    window_bucket: int,
+    atomic_dq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: ``dq, dk, dv`` (``[B, N, H, D]``, contiguous) from ``out`` and ``lse`` of the forward."""
-    return _launch_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_tiles, scale, dq_block, dkdv_block)
+    return _launch_bwd(
+        grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, scale, dq_block, dkdv_block, window_bucket, atomic_dq
+    )
 
 
-def _fake_fwd(q, k, v, perm, cu_seqlens, fwd_tiles, dq_tiles, dkdv_tiles, scale, fwd_block, dq_block, dkdv_block):
+def _fake_fwd(q, k, v, fwd_tiles, dq_tiles, dkdv_tiles, scale, fwd_block, dq_block, dkdv_block, bucket, atomic_dq):
     batch, num_tokens, heads, head_dim = q.shape
     return q.new_empty((batch, num_tokens, heads, head_dim)), q.new_empty(
         (batch, heads, num_tokens), dtype=torch.float32
     )
 
 
-def _fake_bwd(grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_tiles, scale, dq_block, dkdv_block):
+def _fake_bwd(grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, scale, dq_block, dkdv_block, bucket, atomic_dq):
     return tuple(q.new_empty(q.shape) for _ in range(3))
 
 
@@ -275,17 +353,15 @@ else:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, perm, cu_seqlens, _, dq_tiles, dkdv_tiles, scale, _, dq_block, dkdv_block = inputs
+    q, k, v, _, dq_tiles, dkdv_tiles, scale, _, dq_block, dkdv_block, bucket, atomic_dq = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_tiles)
-    ctx.scale, ctx.dq_block, ctx.dkdv_block = scale, dq_block, dkdv_block
+    ctx.save_for_backward(q, k, v, out, lse, dq_tiles, dkdv_tiles)
+    ctx.options = (scale, dq_block, dkdv_block, bucket, atomic_dq)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_tiles = ctx.saved_tensors
-    dq, dk, dv = bwd_op(
-        grad_out, q, k, v, out, lse, perm, cu_seqlens, dq_tiles, dkdv_tiles, ctx.scale, ctx.dq_block, ctx.dkdv_block
-    )
+    q, k, v, out, lse, dq_tiles, dkdv_tiles = ctx.saved_tensors
+    dq, dk, dv = bwd_op(grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, *ctx.options)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -296,11 +372,13 @@ fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def swin_attention_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: WindowLayout, shifted: bool, scale: float
 ) -> torch.Tensor:
-    """Backend function: ``[B, N, H, D]`` in and out, caller token order (inputs checked by the interface).
+    """Backend function: ``[B, N, H, D]`` in and out, in ``layout.order`` (inputs checked by the interface).
 
     Raises:
-        ValueError: head dim above :data:`MAX_HEAD_DIM`, or ``B * H`` above :data:`MAX_GRID_Y`.
+        ValueError: head dim above :data:`MAX_HEAD_DIM`, ``B * H`` above :data:`MAX_GRID_Y`, or a bad
+            ``SEMANTICGEN_SWIN_ATOMIC_DQ`` value.
         TypeError: dtype not in :data:`SUPPORTED_DTYPES`.
+        RuntimeError: ``SEMANTICGEN_SWIN_ATOMIC_DQ=1`` while deterministic algorithms are enforced.
     """
     head_dim = q.shape[-1]
     if head_dim > MAX_HEAD_DIM:
@@ -318,6 +396,13 @@ def swin_attention_triton(
             f"swin_attention(backend='triton'): dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, "
             f"got {q.dtype}"
         )
+    atomic_dq = atomic_dq_requested()
+    if atomic_dq and torch.are_deterministic_algorithms_enabled():
+        raise RuntimeError(
+            f"swin_attention(backend='triton'): {ATOMIC_DQ_ENV}=1 selects a non-deterministic backward "
+            "(fp32 atomics for dQ), but torch.use_deterministic_algorithms(True) is in effect; unset "
+            f"{ATOMIC_DQ_ENV} or turn deterministic algorithms off"
+        )
     device = q.device
     block_d = padded_head_dim(head_dim)
     arch = device_arch_class(device)
@@ -325,13 +410,10 @@ def swin_attention_triton(
     fwd_block = FWD_CONFIGS.lookup(arch, block_d, fp32=fp32)[0]
     dq_block = DQ_CONFIGS.lookup(arch, block_d, fp32=fp32)[0]
     dkdv_block = DKDV_CONFIGS.lookup(arch, block_d, fp32=fp32)[0]
-    index = layout.index_map(shifted, device)
     out, _ = fwd_op(
         q,
         k,
         v,
-        index.perm,
-        index.cu_seqlens,
         tile_table(layout, shifted, device, fwd_block),
         tile_table(layout, shifted, device, dq_block),
         tile_table(layout, shifted, device, dkdv_block),
@@ -339,6 +421,8 @@ def swin_attention_triton(
         fwd_block,
         dq_block,
         dkdv_block,
+        window_bucket(layout.max_window_length(shifted)),
+        atomic_dq,
     )
     return out
 

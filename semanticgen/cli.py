@@ -1,4 +1,4 @@
-"""The ``semanticgen`` command line: info, bench, kernels, plan, train, generate.
+"""The ``semanticgen`` command line: info, bench, kernels, plan, train, generate, selftest.
 
 A user mistake (bad flag, missing file, invalid value) ends with one ``semanticgen: error: ...``
 line and a non-zero exit; tracebacks are kept for bugs.
@@ -231,6 +231,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- selftest
+def cmd_selftest(args: argparse.Namespace) -> int:
+    import time
+
+    from semanticgen import selftest
+
+    device = args.device or ("cuda" if _cuda_available() else "cpu")
+    reason = selftest.device_unavailable(device)
+    if reason is not None:
+        raise UserError(reason)
+    console = _console()
+    name = selftest.device_name(device)
+    console.print(f"semanticgen selftest on [bold]{name}[/bold] ({'quick' if args.quick else 'full'} run)")
+    start = time.perf_counter()
+    rows, elapsed = selftest.run_selftest(
+        device, quick=args.quick, sections=args.only or selftest.SECTIONS, log=console.print
+    )
+    selftest.print_report(rows, elapsed, name, console)
+    if args.json:
+        report = selftest.report_json(rows, elapsed, device, args.quick, name)
+        report["wall_seconds"] = time.perf_counter() - start
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {path}")
+    return 1 if any(r.status == selftest.FAIL for r in rows) else 0
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -296,6 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=_positive_float, help="frame rate of the mp4 (default: the run's VAE-stream fps)")
     p.set_defaults(func=cmd_generate)
+
+    from semanticgen.selftest import SECTIONS as SELFTEST_SECTIONS
+
+    p = sub.add_parser(
+        "selftest",
+        help="acceptance run: kernel correctness, int64 offsets, flow ops, CUDA graphs and timing on one device",
+        description="Checks every swin_attention backend (forward and gradients) and the fused flow ops against "
+        "fp64 references, int64 offsets and CUDA-graph capture on CUDA, and times the backends against full "
+        "attention. Prints a verdict table; exits 0 when every check passes, 1 on any failure.",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p.add_argument("--quick", action="store_true", help="lighter matrix and smaller timing sizes")
+    p.add_argument("--json", metavar="FILE", help="also write every row and the environment to FILE")
+    p.add_argument(
+        "--only", action="append", choices=list(SELFTEST_SECTIONS), help="run only these sections (repeatable)"
+    )
+    p.set_defaults(func=cmd_selftest)
     return parser
 
 

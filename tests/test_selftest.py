@@ -1,0 +1,120 @@
+"""``semanticgen selftest``: the CPU quick run passes and reports every section, a wrong backend fails it,
+and asking for a missing device is a one-line user error."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from semanticgen import selftest
+from semanticgen._extension import extension_available
+from semanticgen.cli import main
+from semanticgen.ops import WindowLayout
+from semanticgen.ops.swin_attention import Backend, interface
+from semanticgen.ops.swin_attention import cpu as swin_cpu
+
+STATUSES = {"PASS", "FAIL", "SKIP"}
+
+
+def _rows(path) -> list[dict]:
+    report = json.loads(path.read_text())
+    rows = report["rows"]
+    assert rows and all(r["status"] in STATUSES for r in rows)
+    return rows
+
+
+def test_cpu_quick_run_passes_and_writes_every_section(tmp_path, capsys):
+    out = tmp_path / "selftest.json"
+    code = main(["selftest", "--device", "cpu", "--quick", "--json", str(out)])
+    report = json.loads(out.read_text())
+    rows = _rows(out)
+    by_section = {s: [r for r in rows if r["section"] == s] for s in selftest.SECTIONS}
+
+    if extension_available():
+        assert code == 0, [r for r in rows if r["status"] == "FAIL"]
+        assert report["verdict"] == "PASS"
+        flow_ops = {r["name"] for r in by_section["flow"] if r["status"] == "PASS"}
+        assert {"euler_step", "euler_step_", "cfg_euler_step", "flow_noising", "flow_matching_loss grad"} <= flow_ops
+    else:  # the selftest exists to catch a broken build: a missing _C is a failure, not a skip
+        assert code == 1
+        assert any(r["status"] == "FAIL" and r["name"] == "semanticgen._C" for r in by_section["flow"])
+
+    attention = [r for r in by_section["attention"] if r["name"] == "cpu fwd+bwd"]
+    assert {r["dtype"] for r in attention if r["status"] == "PASS"} == {"bf16", "fp16", "fp32"}
+    for r in attention:
+        assert r["error"] <= r["bound"]
+        assert len(r["data"]["sub_checks"]) == 16  # out, dq, dk, dv x both parities x both orders
+    assert all(r["status"] == "SKIP" and r["detail"] for r in by_section["int64"] + by_section["graph"])
+    timed = [r for r in by_section["timing"] if r["name"] == "cpu fwd"]
+    assert len(timed) == 3 and all(r["status"] == "PASS" and r["data"]["ms"] > 0 for r in timed)
+    assert all(r["data"]["speedup"] > 0 for r in timed)
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and "semanticgen" in env and "git_commit" in env
+
+    printed = capsys.readouterr().out
+    assert "selftest PASS" in printed or not extension_available()
+    assert "timing" in printed and "attention" in printed
+
+
+def _wrong_parity(q, k, v, layout, shifted, scale):
+    """A plausible bug: the other parity's windows."""
+    out, _ = swin_cpu.swin_attention_cpu_fwd(q, k, v, [x for s in layout.segments(not shifted) for x in s], scale)
+    return out
+
+
+def _crashing(q, k, v, layout, shifted, scale):
+    raise RuntimeError("kernel launch failed")
+
+
+@pytest.mark.parametrize("fn", [_wrong_parity, _crashing], ids=["wrong-parity", "crash"])
+def test_broken_backend_fails_the_run(fn, tmp_path, monkeypatch):
+    good = interface._BACKENDS["cpu"]
+    monkeypatch.setitem(interface._BACKENDS, "cpu", Backend("cpu", fn, good.devices, good.dtypes, good.priority))
+    out = tmp_path / "broken.json"
+    assert main(["selftest", "--device", "cpu", "--quick", "--only", "attention", "--json", str(out)]) == 1
+    rows = [r for r in _rows(out) if r["name"] == "cpu fwd+bwd"]
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    assert failed and all(r["detail"] for r in failed)
+    if fn is _wrong_parity:
+        # Where both parities have the same windows (Tw=1 has no shift; Tv<Tw is one window either way) the
+        # wrong parity is the right one and only there does the check pass; elsewhere the error is far above
+        # the bound.
+        same = {
+            name
+            for name, dims in selftest.LAYOUTS.items()
+            if torch.equal(WindowLayout(*dims).window_ids(False), WindowLayout(*dims).window_ids(True))
+        }
+        assert same == {"Tw=1", "Tv<Tw"}
+        assert {r["layout"].split()[0] for r in rows if r["status"] == "PASS"} == same
+        assert all(r["error"] > 10 * r["bound"] for r in failed)
+    else:
+        assert len(failed) == len(rows) and "kernel launch failed" in failed[0]["detail"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_missing_cuda_is_one_line_exit_2():
+    proc = subprocess.run(
+        [sys.executable, "-m", "semanticgen.cli", "selftest", "--device", "cuda"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "semanticgen selftest: error: --device cuda: no CUDA device is available on this machine"
+    ]
+
+
+def test_error_rule():
+    ref = torch.tensor([2.0, -4.0, 1.0], dtype=torch.float64)
+    assert selftest.rel_error(torch.tensor([2.0, -4.5, 1.0]), ref) == pytest.approx(0.5 / 4.0)
+    assert selftest.rel_error(torch.tensor([2.0, float("nan"), 1.0]), ref) == math.inf
+    assert selftest.bound_from_plain(1e-3, torch.bfloat16) == 2e-3
+    # Plain torch exact: the floor is a few ulps of the output's magnitude, not 0.
+    assert selftest.bound_from_plain(0.0, torch.float32) == 4 * torch.finfo(torch.float32).eps

@@ -1,7 +1,8 @@
 """Timing helpers shared by the benchmark modules.
 
 Wall-clock medians over repeats after warm-up: this machine is noisy, so every figure a benchmark
-reports is also given as a ratio against a baseline measured in the same run.
+reports is also given as a ratio against a baseline measured in the same run. GPU benchmarks use
+:func:`cuda_event_times` (CUDA events, L2 flushed between calls) and :func:`summarize`.
 """
 
 from __future__ import annotations
@@ -61,6 +62,62 @@ def measure_interleaved(
             _sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
     return {name: {"ms": statistics.median(ts), "ms_min": min(ts), "repeats": len(ts)} for name, ts in times.items()}
+
+
+def summarize(times_ms: list[float]) -> dict[str, float]:
+    """``{"ms": median, "ms_min", "ms_max", "repeats"}`` of per-call times in milliseconds."""
+    if not times_ms:
+        raise ValueError("summarize: no timings")
+    return {
+        "ms": statistics.median(times_ms),
+        "ms_min": min(times_ms),
+        "ms_max": max(times_ms),
+        "repeats": len(times_ms),
+    }
+
+
+_L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 50 MB)
+_flush_buffers: dict[str, torch.Tensor] = {}
+
+
+def cuda_event_times(
+    fn: Callable[[], object],
+    *,
+    device: str = "cuda",
+    warmup: int = 1,
+    min_repeats: int = 3,
+    max_repeats: int = 20,
+    min_seconds: float = 1.0,
+    flush_l2: bool = True,
+) -> list[float]:
+    """GPU time of ``fn()`` per call in milliseconds, from CUDA events, one entry per timed call.
+
+    Runs ``warmup`` untimed calls, then timed calls until there are at least ``min_repeats`` and either
+    ``min_seconds`` of wall time have passed or there are ``max_repeats``: long kernels (a second per call)
+    get a few repeats, short ones enough for a stable median, and the run's total time stays bounded.
+    With ``flush_l2`` a 256 MB buffer is zeroed before each call (outside the timed span), so no call
+    starts with its inputs in L2, as in ``triton.testing.do_bench``.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    flush = None
+    if flush_l2:
+        flush = _flush_buffers.get(device)
+        if flush is None:
+            flush = _flush_buffers.setdefault(device, torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device))
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < min_repeats or (len(times) < max_repeats and time.perf_counter() - start_all < min_seconds):
+        if flush is not None:
+            flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()  # per call: the stopping rule needs wall time, and calls here are >= milliseconds
+        times.append(start.elapsed_time(end))
+    return times
 
 
 class NullProgress:

@@ -281,3 +281,24 @@ def test_timed_size_mismatch_is_an_error_row(monkeypatch):
     assert "wrong result vs varlen/blocked" in bad["error"] and "ms" not in bad
     assert {r["pass"] for r in rows if r["impl"] == "varlen"} == {"fwd", "fwd+bwd", "bwd"}
     assert all(r["flop_rate_vs_dense"] is None for r in rows if r["impl"] == "varlen")  # no dense in this run
+
+
+def test_a_wrong_first_implementation_does_not_become_the_reference(monkeypatch):
+    layout = WindowLayout(
+        vae_frames=6, vae_tokens_per_frame=8, sem_frames=2, sem_tokens_per_frame=4, window=2, order="blocked"
+    )
+    tiny = gpu.Case("tiny", 1.0, 2, layout, gpu.BACKENDS_BLOCKED, dense=False)
+    _standins(monkeypatch, tiny)
+    real_impl_fn = gpu._impl_fn
+
+    def impl_fn(impl, lay, device):
+        fn = real_impl_fn(impl, lay, device)
+        if impl == "varlen" and lay.num_tokens == layout.num_tokens:
+            return lambda q, k, v, shifted: fn(q, k, v, shifted) * 1.1
+        return fn
+
+    monkeypatch.setattr(gpu, "_impl_fn", impl_fn)
+    rows = gpu.run(device="cpu")
+    (bad,) = [r for r in rows if r["impl"] == "varlen"]
+    assert "window vs SDPA" in bad["error"]
+    assert {r["pass"] for r in rows if r["impl"] == "triton"} == {"fwd", "fwd+bwd", "bwd"}  # checked, then timed

@@ -118,3 +118,34 @@ def test_error_rule():
     assert selftest.bound_from_plain(1e-3, torch.bfloat16) == 2e-3
     # Plain torch exact: the floor is a few ulps of the output's magnitude, not 0.
     assert selftest.bound_from_plain(0.0, torch.float32) == 4 * torch.finfo(torch.float32).eps
+
+
+# The CUDA-only sections cannot run here; their building blocks run on CPU tensors instead.
+@pytest.mark.parametrize("broken", [False, True], ids=["cpu-backend", "wrong-parity"])
+def test_int64_window_check_on_a_small_layout(broken, monkeypatch):
+    if broken:
+        good = interface._BACKENDS["cpu"]
+        monkeypatch.setitem(
+            interface._BACKENDS, "cpu", Backend("cpu", _wrong_parity, good.devices, good.dtypes, good.priority)
+        )
+    layout = WindowLayout(40, 8, 10, 1, 4)  # 10 windows per parity, semantic tokens last in streams order
+    row = selftest._int64_row("cpu", layout, torch.float32, "cpu fwd", "small", "cpu", 2, 16)
+    # first, middle and last window, 2 parities x 2 orders, plus the window of the tensor's last rows where that
+    # is not the last window (streams order, shifted: the last semantic frame's window is the 10th of 11)
+    assert len(row.data["sub_checks"]) == 13
+    assert any(f"..{layout.num_tokens - 1:,})" in tag for tag in row.data["sub_checks"])
+    if broken:
+        assert row.status == "FAIL" and row.error > 10 * row.bound
+    else:
+        assert row.status == "PASS" and row.error <= row.bound
+
+
+@pytest.mark.skipif(not extension_available(), reason="semanticgen._C is not built")
+def test_sampling_loop_is_deterministic_and_as_accurate_as_plain_torch():
+    z_init, sample, sample_plain = selftest.sampling_loop("cpu", torch.bfloat16)
+    z = sample(z_init.clone())
+    assert torch.isfinite(z).all() and not torch.equal(z, z_init)
+    assert torch.equal(sample(z_init.clone()), z)  # what the CUDA-graph replay is compared against, bitwise
+    exact = sample_plain(z_init.double())
+    ours, plain = selftest.rel_error(z, exact), selftest.rel_error(sample_plain(z_init.clone()), exact)
+    assert 0 < ours <= selftest.bound_from_plain(plain, torch.bfloat16)

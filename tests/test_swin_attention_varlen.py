@@ -311,3 +311,16 @@ def test_no_accepting_backend_keeps_the_dtype_error(monkeypatch):
     q = torch.randn(1, layout.num_tokens, 2, 8)
     with pytest.raises(TypeError, match="'varlen' supports dtypes"):
         swin_attention(q, q, q, layout)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="selection among the real CUDA backends needs CUDA")
+def test_cuda_tensors_pick_varlen_inside_its_envelope():
+    layout = _layout(LAYOUTS["odd Tw=3"], "blocked")
+    q = torch.randn(1, layout.num_tokens, 2, 64, device="cuda", dtype=torch.bfloat16)
+    if vb.varlen_rejects(q) is None:
+        assert interface._select_backend(None, q).name == "varlen"
+        out = swin_attention(q, q, q, layout)
+        ref = swin_attention_reference(q.float(), q.float(), q.float(), layout)
+        assert (out.float() - ref).abs().max().item() < 3e-2
+    fallback = interface._select_backend(None, q.float()).name
+    assert fallback != "varlen"  # FlashAttention has no fp32

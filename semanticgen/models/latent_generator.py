@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from semanticgen.ops import WindowLayout
+from semanticgen.parallel import ContextGroup, gather_tokens, shift_ownership
 
 from ._validation import check_conditioning, check_tensor
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
@@ -229,3 +230,100 @@ class LatentGenerator(nn.Module):
             tokens = layout.from_blocked(tokens, dim=1)
         out = self.final(tokens[:, : tv * hv * wv], cond)
         return unpatchify(out, self.patch, (c, t_len, h, w))
+
+    # ------------------------------------------------------------------------------ context parallel
+    def forward_context_parallel(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        z_sem: torch.Tensor,
+        cp: ContextGroup,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This CP rank's share of the velocity: the clip split over ``cp`` by whole windows (swin mode only).
+
+        Every rank gets the same (input-sized) ``x``, ``z_sem`` and conditioning, embeds only the tokens it owns
+        (:class:`~semanticgen.parallel.ContextPlan`) and runs every block on them; between layers of different
+        window parity one block of hidden states moves to the neighbouring rank
+        (:func:`~semanticgen.parallel.shift_ownership`). No rank holds the whole clip's activations.
+
+        Args:
+            x, t, text, text_mask, z_sem: as :meth:`forward`, identical on every rank of ``cp``.
+            cp: this process's :class:`~semanticgen.parallel.ContextGroup`.
+
+        Returns:
+            ``(velocity, index)``: ``velocity [B, n_r, C * pt * ph * pw]`` is the patchified velocity of this
+            rank's VAE tokens, which are tokens ``index`` (``LongTensor[n_r]``) of :func:`patchify`'s sequence.
+            The loss of the whole clip is the sum over ranks of each rank's squared error summed over its tokens
+            and divided by the clip's total (see :func:`~semanticgen.models.patchify`).
+        """
+        if self.config.attention != "swin":
+            raise ValueError("LatentGenerator: context parallelism needs attention='swin' (full attention is global)")
+        if not isinstance(cp, ContextGroup):
+            raise TypeError(f"LatentGenerator: cp must be a ContextGroup, got {type(cp).__name__}")
+        self._check(x, t, text, text_mask, z_sem)
+        b, _, t_len, h, w = x.shape
+        pt, ph, pw = self.patch
+        tv, hv, wv = t_len // pt, h // ph, w // pw
+        _, ts, ss, _ = z_sem.shape
+        num_vae = tv * hv * wv
+        layout = self.window_layout(tv, hv * wv, ts, ss)
+        plan = cp.plan(layout)
+        positions = self.token_positions(tv, hv, wv, ts, ss, device=x.device)
+
+        def owned(shifted: bool) -> torch.Tensor:
+            start, end = plan.token_range(cp.rank, shifted)
+            return layout.permutation[start:end].to(x.device)  # streams-order indices, in blocked order
+
+        index = owned(False)
+        tables = {
+            s: rope_tables(positions.index_select(0, owned(s)), self.head_dim, theta=self.config.rope_theta)
+            for s in (False, True)
+        }
+        is_vae = index < num_vae
+        vae_index, sem_index = index[is_vae], index[~is_vae] - num_vae
+        embedded = torch.cat(
+            [
+                self.x_embed(patchify(x, self.patch).index_select(1, vae_index)),
+                self.sem_embed(z_sem.reshape(b, ts * ss, self.config.sem_dim).index_select(1, sem_index)),
+            ],
+            1,
+        )
+        # Back from [VAE tokens, semantic tokens] to this rank's blocked order.
+        position_in_cat = torch.where(is_vae, torch.cumsum(is_vae, 0) - 1, is_vae.sum() + torch.cumsum(~is_vae, 0) - 1)
+        tokens = embedded.index_select(1, position_in_cat)
+        cond = self.t_embed(t)
+        time_mod = self.t_mod(cond)
+        txt = self.text_embed(text)
+        shifted = False
+        for i, block in enumerate(self.blocks):
+            if (i % 2 == 1) != shifted:
+                shifted = not shifted
+                tokens = shift_ownership(tokens, plan, cp.rank, to_shifted=shifted, group=cp.group)
+            cos, sin = tables[shifted]
+            tokens = block(tokens, time_mod, txt, text_mask, cos, sin, plan.shard(cp.rank, shifted), shifted)
+        if shifted:
+            tokens = shift_ownership(tokens, plan, cp.rank, to_shifted=False, group=cp.group)
+        return self.final(tokens[:, is_vae], cond), vae_index
+
+    @torch.no_grad()
+    def forward_gathered(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        z_sem: torch.Tensor,
+        cp: ContextGroup,
+    ) -> torch.Tensor:
+        """Sampling under CP: :meth:`forward_context_parallel`, then every rank gathers the whole velocity.
+
+        Returns ``[B, C, T, H, W]`` (as :meth:`forward`) on every rank of ``cp``; the gathered velocity is
+        ``O(latent size)``, not activation-sized.
+        """
+        local, index = self.forward_context_parallel(x, t, text, text_mask, z_sem, cp)
+        b, c, t_len, h, w = x.shape
+        pt, ph, pw = self.patch
+        full = gather_tokens(local, index, (t_len // pt) * (h // ph) * (w // pw), cp)
+        return unpatchify(full, self.patch, (c, t_len, h, w))

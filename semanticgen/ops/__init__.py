@@ -8,10 +8,11 @@
 from __future__ import annotations
 
 from .flow import cfg_euler_step, euler_step, euler_step_, flow_matching_loss, flow_noising
-from .swin_attention import WindowLayout, available_backends, swin_attention, swin_attention_reference
+from .swin_attention import WindowLayout, WindowShard, available_backends, swin_attention, swin_attention_reference
 
 __all__ = [
     "WindowLayout",
+    "WindowShard",
     "swin_attention",
     "swin_attention_reference",
     "available_backends",

@@ -12,11 +12,12 @@ import torch
 
 from . import cpu as _cpu
 from .interface import Backend, available_backends, register_backend, swin_attention
-from .layout import WindowIndexMap, WindowLayout, WindowSegment
+from .layout import WindowIndexMap, WindowLayout, WindowSegment, WindowShard
 from .reference import swin_attention_reference
 
 __all__ = [
     "WindowLayout",
+    "WindowShard",
     "WindowSegment",
     "WindowIndexMap",
     "swin_attention",

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .layout import WindowLayout
+from .layout import WindowLayout, WindowShard
 
 # A backend runs the op: fn(q, k, v, layout, shifted, scale) -> out.
-BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, WindowLayout, bool, float], torch.Tensor]
+BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, WindowLayout | WindowShard, bool, float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -152,8 +152,8 @@ def _check_inputs(q, k, v, layout) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"swin_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(layout, WindowLayout):
-        raise TypeError(f"swin_attention: layout must be a WindowLayout, got {type(layout).__name__}")
+    if not isinstance(layout, (WindowLayout, WindowShard)):
+        raise TypeError(f"swin_attention: layout must be a WindowLayout or WindowShard, got {type(layout).__name__}")
     if q.dim() != 4:
         raise ValueError(f"swin_attention: q must be [B, N, H, D] (4-D), got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
@@ -178,7 +178,7 @@ def swin_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: WindowLayout,
+    layout: WindowLayout | WindowShard,
     *,
     shifted: bool = False,
     scale: float | None = None,
@@ -191,7 +191,8 @@ def swin_attention(
 
     Args:
         q, k, v: ``[B, N, H, D]`` with ``N == layout.num_tokens``, same dtype and device.
-        layout: the sequence's :class:`WindowLayout`.
+        layout: the sequence's :class:`WindowLayout`, or a :class:`WindowShard` of one (the whole windows of
+            one parity that a context-parallel rank holds; then ``shifted`` must be the shard's parity).
         shifted: use windows shifted by ``layout.window // 2`` latent frames.
         scale: softmax scale, default ``1 / sqrt(D)``.
         backend: ``"reference"``, ``"cpu"``, ``"triton"``, ``"varlen"``, ``"cuda"`` or ``None`` (the

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["WindowLayout", "WindowSegment", "WindowIndexMap", "TimeBlock", "ORDERS"]
+__all__ = ["WindowLayout", "WindowShard", "WindowSegment", "WindowIndexMap", "TimeBlock", "ORDERS"]
 
 
 class WindowSegment(NamedTuple):
@@ -379,3 +379,108 @@ class WindowLayout:
     def full_attention_flops(self, head_dim: int, num_heads: int = 1, batch: int = 1) -> int:
         """Forward FLOPs of full attention over the same ``N`` tokens."""
         return 4 * batch * num_heads * head_dim * self.num_tokens**2
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowShard:
+    """Time blocks ``[first_block, end_block)`` of a blocked-order layout: whole windows of one parity.
+
+    The tokens one context-parallel rank attends over in a layer of parity ``shifted``: a contiguous run of
+    the parent's blocked-order tokens that holds every window of that parity it touches entirely. It
+    answers the per-window questions backends ask (:meth:`segments`, :meth:`window_lengths`, ...) in local
+    token coordinates, so ``swin_attention(q, k, v, shard, shifted=shard.shifted)`` runs any backend on the
+    ``[B, shard.num_tokens, H, D]`` slice with no communication.
+
+    Args:
+        layout: the whole sequence, in blocked order.
+        first_block, end_block: the block range (see :meth:`WindowLayout.blocks`).
+        shifted: the parity whose windows the range must hold whole.
+
+    Example:
+        >>> layout = WindowLayout(8, 4, 2, 2, 4, order="blocked")  # 4 blocks of 2 frames
+        >>> shard = WindowShard(layout, 1, 3, shifted=True)  # the shifted window over frames 2-5
+        >>> shard.token_range, shard.window_lengths(True)
+        ((10, 28), [18])
+    """
+
+    layout: WindowLayout
+    first_block: int
+    end_block: int
+    shifted: bool
+    _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layout, WindowLayout) or self.layout.order != "blocked":
+            raise TypeError(f"WindowShard: layout must be a WindowLayout in blocked order, got {self.layout!r}")
+        if not isinstance(self.shifted, bool):
+            raise TypeError(f"WindowShard: shifted must be a bool, got {type(self.shifted).__name__}")
+        num_blocks = len(self.layout.blocks())
+        _check_int("first_block", self.first_block, 0)
+        _check_int("end_block", self.end_block, self.first_block + 1)
+        if self.end_block > num_blocks:
+            raise ValueError(
+                f"WindowShard: end_block must be <= {num_blocks} (the layout's blocks), got {self.end_block}"
+            )
+        for first, end in self.layout.window_blocks(self.shifted):
+            inside = self.first_block <= first and end <= self.end_block
+            outside = end <= self.first_block or first >= self.end_block
+            if not (inside or outside):
+                parity = "shifted" if self.shifted else "unshifted"
+                raise ValueError(
+                    f"WindowShard: blocks [{self.first_block}, {self.end_block}) cut the {parity} window of blocks "
+                    f"[{first}, {end}); a shard must hold whole windows"
+                )
+
+    order = "blocked"
+
+    @property
+    def token_range(self) -> tuple[int, int]:
+        """``(start, end)`` of the shard's tokens in the parent's blocked order."""
+        offsets = self.layout.block_token_offsets()
+        return offsets[self.first_block], offsets[self.end_block]
+
+    @property
+    def num_tokens(self) -> int:
+        start, end = self.token_range
+        return end - start
+
+    def _check_parity(self, shifted: bool) -> None:
+        if bool(shifted) != self.shifted:
+            raise ValueError(
+                f"WindowShard: this shard holds whole {'shifted' if self.shifted else 'unshifted'} windows; "
+                f"asked for shifted={shifted}"
+            )
+
+    def segments(self, shifted: bool) -> tuple[WindowSegment, ...]:
+        """The shard's windows in local token coordinates (one range each, as in blocked order)."""
+        self._check_parity(shifted)
+        start = self.token_range[0]
+        return tuple(
+            WindowSegment(s.start0 - start, s.end0 - start, s.end0 - start, s.end0 - start)
+            for s, (first, _) in zip(self.layout.segments(shifted), self.layout.window_blocks(shifted))
+            if self.first_block <= first < self.end_block
+        )
+
+    def window_lengths(self, shifted: bool) -> list[int]:
+        return [s.length for s in self.segments(shifted)]
+
+    def max_window_length(self, shifted: bool) -> int:
+        return max(self.window_lengths(shifted))
+
+    def num_windows(self, shifted: bool) -> int:
+        return len(self.segments(shifted))
+
+    def window_ids(self, shifted: bool) -> torch.Tensor:
+        """Local window index of every token of the shard, ``LongTensor[num_tokens]`` (non-decreasing)."""
+        lengths = torch.tensor(self.window_lengths(shifted))
+        return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+
+    def cu_seqlens(self, shifted: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``int32[W + 1]`` local window boundaries."""
+        lengths = torch.tensor([0, *self.window_lengths(shifted)], dtype=torch.int64)
+        return torch.cumsum(lengths, 0).to(torch.int32).to(device)
+
+    def attention_flops(self, head_dim: int, num_heads: int = 1, batch: int = 1, shifted: bool | None = None) -> int:
+        """Forward FLOPs of the shard's windowed attention."""
+        shifted = self.shifted if shifted is None else shifted
+        return 4 * batch * num_heads * head_dim * sum(n * n for n in self.window_lengths(shifted))

@@ -276,6 +276,7 @@ def test_timed_size_mismatch_is_an_error_row(monkeypatch):
         return fn
 
     monkeypatch.setattr(gpu, "_impl_fn", impl_fn)
+    monkeypatch.setattr(gpu, "small_case_check", lambda device: {})  # covered by the end-to-end test
     rows = gpu.run(device="cpu")
     (bad,) = [r for r in rows if r["impl"] == "triton"]
     assert "wrong result vs varlen/blocked" in bad["error"] and "ms" not in bad
@@ -298,7 +299,22 @@ def test_a_wrong_first_implementation_does_not_become_the_reference(monkeypatch)
         return fn
 
     monkeypatch.setattr(gpu, "_impl_fn", impl_fn)
+    monkeypatch.setattr(gpu, "small_case_check", lambda device: {})  # covered by the end-to-end test
     rows = gpu.run(device="cpu")
     (bad,) = [r for r in rows if r["impl"] == "varlen"]
     assert "window vs SDPA" in bad["error"]
     assert {r["pass"] for r in rows if r["impl"] == "triton"} == {"fwd", "fwd+bwd", "bwd"}  # checked, then timed
+
+
+def test_time_budget_skips_what_would_overrun(monkeypatch):
+    layout = WindowLayout(
+        vae_frames=6, vae_tokens_per_frame=8, sem_frames=2, sem_tokens_per_frame=4, window=2, order="blocked"
+    )
+    tiny = gpu.Case("tiny", 1.0, 2, layout, (("varlen", "blocked"), ("flex_attention", "blocked")), dense=False)
+    _standins(monkeypatch, tiny)
+    monkeypatch.setattr(gpu, "small_case_check", lambda device: {})
+    # 30 s: room for a backend (~10 s expected), not for FlexAttention's cold compile (~60 s).
+    rows = gpu.run(device="cpu", budget_s=30.0)
+    assert {r["pass"] for r in rows if r["impl"] == "varlen"} == {"fwd", "fwd+bwd", "bwd"}
+    (flex,) = [r for r in rows if r["impl"] == "flex_attention"]
+    assert flex["error"].startswith("skipped:") and "time budget 30 s" in flex["error"]

@@ -255,3 +255,127 @@ def format_plan(p: Plan) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+# ------------------------------------------------------------------------------- context parallel
+@dataclasses.dataclass(frozen=True)
+class ContextParallelPlan:
+    """Per-rank cost of stage 2 split over ``size`` ranks by whole windows (see ``semanticgen.parallel``).
+
+    Bytes and times are per layer, forward, for the busiest rank, averaged over a pair of layers (one of each
+    window parity); the backward moves the same bytes again. Times are ``bytes / link_bytes_per_s`` and
+    ``attention FLOPs / attention_flops_per_s``: stated assumptions, not measurements.
+    """
+
+    size: int
+    hidden: int
+    element_size: int
+    link_bytes_per_s: float
+    attention_flops_per_s: float
+    tokens_per_rank: tuple[int, ...]
+    windows_per_rank: tuple[int, ...]
+    activation_bytes_per_rank: int
+    """One ``[N_rank, hidden]`` activation of the busiest rank, the unit a stage-2 block keeps per tensor."""
+    bytes_per_layer: dict[str, float]
+    seconds_per_layer: dict[str, float]
+    attention_seconds_per_layer: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_context_parallel(
+    p: Plan,
+    size: int,
+    *,
+    hidden: int = 5120,
+    element_size: int = 2,
+    link_gbytes_per_s: float = 50.0,
+    attention_tflops: float = 600.0,
+) -> ContextParallelPlan:
+    """Context-parallel costs of :func:`plan`'s stage-2 sequence over ``size`` ranks.
+
+    Args:
+        p: the video's :class:`Plan` (its heads and head dim set the attention FLOPs).
+        size: CP ranks; at most the number of unshifted windows.
+        hidden: model width (Wan 2.1 14B: 5120).
+        element_size: bytes per activation element (bf16: 2).
+        link_gbytes_per_s: per-GPU bandwidth between neighbouring ranks, GB/s (default 50: one 400 Gb/s
+            InfiniBand NDR port per GPU, the inter-node case; NVLink within a node is several times faster).
+        attention_tflops: attention rate per GPU for the time estimate (default 600, about FlashAttention-3's
+            bf16 forward on an H100).
+    """
+    from semanticgen.parallel import ContextPlan  # planning stays importable without torch.distributed users
+
+    _int("size", size)
+    _int("hidden", hidden)
+    _int("element_size", element_size)
+    link = _positive("link_gbytes_per_s", link_gbytes_per_s) * 1e9
+    rate = _positive("attention_tflops", attention_tflops) * 1e12
+    layout = WindowLayout(
+        p.latent_frames,
+        p.vae_tokens_per_frame,
+        p.sem_frames,
+        p.sem_tokens_per_frame if p.sem_frames else 1,
+        p.window,
+        order="blocked",
+    )
+    try:
+        cp = ContextPlan.build(layout, size)
+    except ValueError as exc:
+        raise ValueError(f"plan: {exc}") from None
+    tokens = tuple(e - s for s, e in (cp.token_range(r, False) for r in range(size)))
+    windows = tuple(cp.shard(r, False).num_windows(False) for r in range(size))
+    moved = cp.bytes_per_layer(hidden, element_size=element_size)
+    attention = max(
+        (
+            cp.shard(r, False).attention_flops(p.head_dim, p.heads)
+            + cp.shard(r, True).attention_flops(p.head_dim, p.heads)
+        )
+        / 2
+        for r in range(size)
+    )
+    return ContextParallelPlan(
+        size=size,
+        hidden=hidden,
+        element_size=element_size,
+        link_bytes_per_s=link,
+        attention_flops_per_s=rate,
+        tokens_per_rank=tokens,
+        windows_per_rank=windows,
+        activation_bytes_per_rank=max(tokens) * hidden * element_size,
+        bytes_per_layer=moved,
+        seconds_per_layer={k: v / link for k, v in moved.items()},
+        attention_seconds_per_layer=attention / rate,
+    )
+
+
+def format_context_parallel(c: ContextParallelPlan) -> str:
+    """A readable table of a :class:`ContextParallelPlan`, with its assumptions."""
+
+    def gb(x: float) -> str:
+        return f"{x / 1e9:,.3f} GB"
+
+    def ms(x: float) -> str:
+        return f"{x * 1e3:,.2f} ms"
+
+    rows = [
+        ("context parallel", f"{c.size} ranks, windows per rank {list(c.windows_per_rank)}"),
+        ("tokens per rank", f"{min(c.tokens_per_rank):,} to {max(c.tokens_per_rank):,}"),
+        ("one activation", f"{gb(c.activation_bytes_per_rank)} per rank ([N_rank, {c.hidden}] at {c.element_size} B)"),
+        (
+            "assumed",
+            f"link {c.link_bytes_per_s / 1e9:g} GB/s per GPU, attention {c.attention_flops_per_s / 1e12:g} TFLOP/s",
+        ),
+        ("attention per layer", f"{ms(c.attention_seconds_per_layer)} (busiest rank, forward)"),
+    ]
+    names = {
+        "halo_hidden": "window halo (ours)",
+        "halo_kv": "K/V halo",
+        "ulysses": "Ulysses all-to-all",
+        "ring": "ring attention",
+    }
+    for key, name in names.items():
+        rows.append((name, f"{gb(c.bytes_per_layer[key])} per layer, {ms(c.seconds_per_layer[key])}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -89,3 +89,34 @@ def test_to_dict_is_json_and_table_has_the_numbers():
 def test_rejects_bad_arguments(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------- context parallel
+def test_context_parallel_plan_at_paper_scale():
+    """60 s 480p over 8 ranks: whole windows per rank, halo bytes from the handed-over blocks only."""
+    from semanticgen.planning import format_context_parallel, plan_context_parallel
+
+    p = plan(60, 480, 832, heads=40, head_dim=128)
+    c = plan_context_parallel(p, 8, hidden=5120)
+    assert sum(c.tokens_per_rank) == p.stage2_tokens and sum(c.windows_per_rank) == p.windows == 18
+    assert max(c.windows_per_rank) == 3 and min(c.windows_per_rank) == 2
+    assert c.activation_bytes_per_rank == max(c.tokens_per_rank) * 5120 * 2
+    # One block of a 20-frame window is 10 latent frames (+ its semantic frames); a rank moves at most its
+    # head and its tail block per pair of layers, so per layer one block's hidden states on average.
+    block = 10 * 1560 + 2 * 510
+    assert c.bytes_per_layer["halo_hidden"] <= block * 5120 * 2
+    assert c.bytes_per_layer["halo_kv"] == 2 * c.bytes_per_layer["halo_hidden"]
+    assert c.bytes_per_layer["halo_hidden"] < c.bytes_per_layer["ulysses"] / 10
+    assert c.seconds_per_layer["halo_hidden"] == pytest.approx(c.bytes_per_layer["halo_hidden"] / 50e9)
+    text = format_context_parallel(c)
+    for needle in ("8 ranks", "window halo (ours)", "Ulysses", "ring attention", "50 GB/s", "600 TFLOP/s"):
+        assert needle in text
+
+
+def test_context_parallel_plan_refuses_more_ranks_than_windows():
+    from semanticgen.planning import plan_context_parallel
+
+    with pytest.raises(ValueError, match="at least 19 unshifted windows.*has 18"):
+        plan_context_parallel(plan(60, 480, 832), 19)
+    with pytest.raises(ValueError, match="link_gbytes_per_s"):
+        plan_context_parallel(plan(60, 480, 832), 2, link_gbytes_per_s=0)

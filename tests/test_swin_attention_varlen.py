@@ -301,15 +301,18 @@ def test_explicit_varlen_outside_its_envelope(varlen_on_cpu):
         swin_attention(q, q, q, layout, backend="varlen")
 
 
-def test_no_accepting_backend_keeps_the_dtype_error(monkeypatch):
-    # Only varlen on the device: fp32 is refused by every backend, so the caller gets the TypeError.
+def test_no_accepting_backend_lists_every_reason(monkeypatch):
+    # Two backends on the device, neither takes the inputs: the error names both and why.
     varlen = dataclasses.replace(interface._BACKENDS["varlen"], devices=("cpu",), unavailable=lambda: None)
-    backends = {"varlen": varlen}
-    monkeypatch.setattr(interface, "_BACKENDS", backends)
+    fp16_only = dataclasses.replace(varlen, name="cuda", dtypes=(torch.float16,), accepts=None, priority=5)
+    monkeypatch.setattr(interface, "_BACKENDS", {"varlen": varlen, "cuda": fp16_only})
     monkeypatch.setattr(vb, "_device_capability", lambda device: (9, 0))
     layout = _layout(LAYOUTS["odd Tw=3"], "blocked")
     q = torch.randn(1, layout.num_tokens, 2, 8)
-    with pytest.raises(TypeError, match="'varlen' supports dtypes"):
+    with pytest.raises(TypeError, match=r"no cpu backend takes these inputs \(varlen: supports dtypes .*; cuda: "):
+        swin_attention(q, q, q, layout)
+    q = torch.randn(1, layout.num_tokens, 2, 12, dtype=torch.bfloat16)  # dtype fine for varlen, head dim not
+    with pytest.raises(ValueError, match="varlen: FlashAttention takes head dims that are multiples of 8"):
         swin_attention(q, q, q, layout)
 
 

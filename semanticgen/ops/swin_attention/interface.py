@@ -112,9 +112,9 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
 def _select_backend(name: str | None, q: torch.Tensor) -> Backend:
     """The backend ``backend=name`` runs ``q`` (``[B, N, H, D]``) with; ``None`` picks by priority.
 
-    ``None`` takes the highest-priority backend that runs on ``q``'s device, is available here and whose
-    ``accepts`` takes ``q``; a refused dtype is left to the caller's dtype check, so it still raises
-    ``TypeError`` naming the dtypes of the backend that would otherwise run.
+    ``None`` takes the highest-priority backend that runs on ``q``'s device, is available here and takes
+    ``q`` (its dtypes and ``accepts``); when none does, the error lists every backend's reason
+    (``TypeError`` when they all refuse the dtype).
     """
     device = q.device
     if _LAZY_BACKEND_MODULES and _may_need_lazy(name, device):
@@ -127,8 +127,14 @@ def _select_backend(name: str | None, q: torch.Tensor) -> Backend:
         ]
         if not on_device:
             raise ValueError(f"swin_attention: no backend is available for {device.type} tensors")
-        accepting = [b for b in on_device if b.rejects(q) is None]
-        return max(accepting or on_device, key=lambda b: b.priority)
+        reasons = {b.name: b.rejects(q) for b in on_device}
+        accepting = [b for b in on_device if reasons[b.name] is None]
+        if not accepting:
+            # TypeError when the dtype is what every backend refuses, as for an explicit backend.
+            error = TypeError if all(q.dtype not in b.dtypes for b in on_device) else ValueError
+            detail = "; ".join(f"{n}: {r}" for n, r in reasons.items())
+            raise error(f"swin_attention: no {device.type} backend takes these inputs ({detail})")
+        return max(accepting, key=lambda b: b.priority)
     if not isinstance(name, str):
         raise TypeError(f"swin_attention: backend must be a str or None, got {type(name).__name__}")
     if name not in KNOWN_BACKENDS:

@@ -327,3 +327,16 @@ def test_cuda_tensors_pick_varlen_inside_its_envelope():
         assert (out.float() - ref).abs().max().item() < 3e-2
     fallback = interface._select_backend(None, q.float()).name
     assert fallback != "varlen"  # FlashAttention has no fp32
+
+
+def test_window_shard_runs_on_its_slice():
+    """A context-parallel rank's WindowShard (whole windows, blocked order) needs only the shard's own tables."""
+    from semanticgen.ops.swin_attention import WindowShard
+
+    layout = WindowLayout(8, 4, 2, 2, 4, order="blocked")
+    shard = WindowShard(layout, 1, 3, shifted=True)
+    start, end = shard.token_range
+    q, k, v = (torch.randn(2, layout.num_tokens, 2, 8, dtype=torch.float64) for _ in range(3))
+    whole = swin_attention_reference(q, k, v, layout, shifted=True, scale=0.3)
+    part = vb.varlen_swin_attention(q[:, start:end], k[:, start:end], v[:, start:end], shard, True, 0.3, SdpaVarlen())
+    torch.testing.assert_close(part, whole[:, start:end])

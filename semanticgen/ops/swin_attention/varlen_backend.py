@@ -236,7 +236,9 @@ def varlen_swin_attention(
 
     Args:
         q, k, v: ``[B, N, H, D]`` in ``layout.order``.
-        layout, shifted, scale: as in :func:`~.interface.swin_attention`.
+        layout, shifted, scale: as in :func:`~.interface.swin_attention`; ``layout`` may also be a
+            :class:`~.layout.WindowShard` (blocked order, local tokens): only ``order``, ``num_tokens``,
+            ``window_lengths`` and ``max_window_length`` are read, plus ``_cache`` for the tables.
         attn: ``fn(q, k, v, cu_seqlens, max_seqlen, scale) -> out`` on packed ``[B * N, H, D]`` tensors,
             ``cu_seqlens`` from :func:`varlen_segments`; FlashAttention's varlen function on CUDA, any
             equivalent (e.g. a loop over SDPA) elsewhere.

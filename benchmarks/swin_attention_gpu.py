@@ -292,6 +292,7 @@ def build_rows(
         }
         if dense is not None and tflops is not None and pass_name in dense.tflops:
             row["flop_rate_vs_dense"] = tflops / dense.tflops[pass_name]
+            row["dense_tflops"] = dense.tflops[pass_name]  # the denominator, measured at dense.case
             if dense_here is not None and pass_name in dense_here:
                 row["speedup_vs_full"] = dense_here[pass_name]["ms"] / ms
                 row["speedup_extrapolated"] = False

@@ -93,7 +93,7 @@ def test_rows_rates_ratios_and_speedups():
     fwd = by_pass["fwd"]
     assert fwd["device"] == "fake" and fwd["suite"] == "attention-gpu" and fwd["tokens"] == 97_680
     assert fwd["tflops"] == pytest.approx(450)
-    assert fwd["flop_rate_vs_dense"] == pytest.approx(0.9)
+    assert fwd["flop_rate_vs_dense"] == pytest.approx(0.9) and fwd["dense_tflops"] == pytest.approx(500)
     assert fwd["speedup_vs_full"] == pytest.approx(dense_fwd_ms / win_fwd_ms) and not fwd["speedup_extrapolated"]
     assert (fwd["ms_min"], fwd["ms_max"]) == pytest.approx((0.9 * win_fwd_ms, 1.2 * win_fwd_ms))
     bwd = by_pass["bwd"]

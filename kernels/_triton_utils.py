@@ -159,7 +159,9 @@ class KernelConfig:
 class ConfigTable:
     """Tile size and autotune configs of one kernel, per ``(arch class, padded head dim)``.
 
-    ``entries[(arch, head_dim_pad)] = (tile, [default, alternatives...])``. Head dims not listed use
+    ``entries[(arch, head_dim_pad)] = (tile, [default, alternatives...])``; the configs of one entry
+    must share their block sizes (checked at construction), so they differ only in ``num_warps`` and
+    ``num_stages`` and every choice computes bitwise the same result. Head dims not listed use
     the next larger listed one (so 32 uses the 64 entry). ``fp32_entries[head_dim_pad]`` replaces
     them for fp32 inputs on any GPU: full-precision fp32 dots run on FMA units with far larger
     register tiles than bf16 MMAs (the bf16 tiles spilled kilobytes), so they need their own small tiles.

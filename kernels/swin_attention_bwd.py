@@ -1,16 +1,27 @@
 """Backward Triton kernels of interleaved shifted-window attention, in place on ``[B, N, H, D]`` tensors.
 
-Three launches, all reading and writing caller token order through ``perm``:
+Windows are addressed as in the forward (see ``swin_attention_fwd``): a tile table row gives a
+program its window's two token ranges, tile rows are computed in registers, and every inner loop walks
+range 0 then range 1 as affine runs of rows, full blocks unmasked and one masked tail per range. The
+softmax scale rides in the ``exp2`` argument (``qk_scale = scale * log2(e)``, one FMA per score).
+
+Default (deterministic) backward, three launches:
 
 1. :func:`swin_attn_bwd_preprocess_kernel`: ``delta = rowsum(dO * O)``, ``float32[B, H, N]``.
 2. :func:`swin_attn_bwd_dkdv_kernel`: one program per key tile of a window; it loops over the
    window's query blocks, recomputes ``P = exp(S - lse)`` and accumulates ``dV = P^T dO`` and
-   ``dK = scale * dS^T Q`` with ``dS = P * (dP - delta)`` in registers.
+   ``dK = scale * dS^T Q`` with ``dS = P * (dP - delta)`` in registers (4 GEMMs per block).
 3. :func:`swin_attn_bwd_dq_kernel`: one program per query tile; it loops over the window's key
-   blocks and accumulates ``dQ = scale * dS K``.
+   blocks and accumulates ``dQ = scale * dS K`` (3 GEMMs per block, recomputing ``S`` and ``dP``).
 
 Every output element is written by exactly one program with a fixed loop order, so there are no
-atomics and the gradients are bitwise deterministic run to run (the only mode).
+atomics and the gradients are bitwise deterministic run to run.
+
+Opt-in fast path (``ATOMIC_DQ``, selected by ``SEMANTICGEN_SWIN_ATOMIC_DQ=1`` in the backend): the
+dK/dV kernel also computes ``dQ += scale * dS K`` for each query block (a fifth GEMM) and adds it to an
+fp32 ``[B, N, H, D]`` buffer with ``tl.atomic_add``; the dQ kernel is skipped. The summation order of
+dQ then depends on scheduling, so it is **non-deterministic** (run-to-run differences at fp32
+rounding level); the backend refuses it under ``torch.use_deterministic_algorithms(True)``.
 """
 
 from __future__ import annotations
@@ -66,7 +77,8 @@ DKDV_CONFIGS = ConfigTable(
     },
     fp32_entries={
         64: (32, (_C(4, 2, BLOCK_M=16), _C(8, 2, BLOCK_M=16))),
-        128: (32, (_C(4, 2, BLOCK_M=16),)),
+        # 4 warps: 255 registers and ~700 bytes of spills at D = 128; 8 warps: ~115, none.
+        128: (32, (_C(8, 2, BLOCK_M=16), _C(8, 1, BLOCK_M=16))),
     },
 )
 # dQ: tile BLOCK_M (query rows per program) and inner key block BLOCK_N fixed, as above.
@@ -82,7 +94,7 @@ DQ_CONFIGS = ConfigTable(
     },
     fp32_entries={
         64: (32, (_C(4, 2, BLOCK_N=16), _C(8, 2, BLOCK_N=16))),
-        128: (32, (_C(4, 2, BLOCK_N=16),)),
+        128: (32, (_C(8, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=16))),
     },
 )
 
@@ -221,23 +233,35 @@ def _dkdv_range(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Queries ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail."""
-    full_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
-    for row_start in tl.range(lo, full_end, BLOCK_M):
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, row_start, hi,
-            stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, ATOMIC_DQ, PRECISION, UPCAST,
-        )  # fmt: skip
-    if full_end < hi:
-        dk, dv = _dkdv_block(
-            dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, full_end, hi,
-            stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, PRECISION, UPCAST,
-        )  # fmt: skip
+    """Queries ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail.
+
+    ``PEEL_TAIL=False`` (fp32) masks every block of one loop instead, as in the forward's ``_fwd_range``.
+    """
+    if not PEEL_TAIL:
+        for row_start in tl.range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, row_start, hi,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, PRECISION, UPCAST,
+            )  # fmt: skip
+    else:
+        full_end = lo + (hi - lo) // BLOCK_M * BLOCK_M
+        for row_start in tl.range(lo, full_end, BLOCK_M):
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, row_start, hi,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, ATOMIC_DQ, PRECISION, UPCAST,
+            )  # fmt: skip
+        if full_end < hi:
+            dk, dv = _dkdv_block(
+                dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, full_end, hi,
+                stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, ATOMIC_DQ, PRECISION, UPCAST,
+            )  # fmt: skip
     return dk, dv
 
 
@@ -326,12 +350,12 @@ def swin_attn_bwd_dkdv_kernel(
     dk, dv = _dkdv_range(
         dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, start0, end0,
         stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
     )  # fmt: skip
     dk, dv = _dkdv_range(
         dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, start1, end1,
         stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
     )  # fmt: skip
 
     store_rows(
@@ -404,21 +428,32 @@ def _dq_range(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail."""
-    full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    for col_start in tl.range(lo, full_end, BLOCK_N):
-        dq = _dq_block(
-            dq, q, do, lse2, delta, k_base, v_base, col_start, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-            qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PRECISION, UPCAST,
-        )  # fmt: skip
-    if full_end < hi:
-        dq = _dq_block(
-            dq, q, do, lse2, delta, k_base, v_base, full_end, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-            qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, PRECISION, UPCAST,
-        )  # fmt: skip
+    """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail.
+
+    ``PEEL_TAIL=False`` (fp32) masks every block of one loop instead, as in the forward's ``_fwd_range``.
+    """
+    if not PEEL_TAIL:
+        for col_start in tl.range(lo, hi, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, k_base, v_base, col_start, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, PRECISION, UPCAST,
+            )  # fmt: skip
+    else:
+        full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for col_start in tl.range(lo, full_end, BLOCK_N):
+            dq = _dq_block(
+                dq, q, do, lse2, delta, k_base, v_base, col_start, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PRECISION, UPCAST,
+            )  # fmt: skip
+        if full_end < hi:
+            dq = _dq_block(
+                dq, q, do, lse2, delta, k_base, v_base, full_end, hi, stride_kn, stride_kd, stride_vn, stride_vd,
+                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, PRECISION, UPCAST,
+            )  # fmt: skip
     return dq
 
 
@@ -488,11 +523,11 @@ def swin_attn_bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
     dq = _dq_range(
         dq, q, do, lse2, delta, k_base, v_base, start0, end0, stride_kn, stride_kd, stride_vn, stride_vd,
-        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, UPCAST,
+        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
     )  # fmt: skip
     dq = _dq_range(
         dq, q, do, lse2, delta, k_base, v_base, start1, end1, stride_kn, stride_kd, stride_vn, stride_vd,
-        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PRECISION, UPCAST,
+        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
     )  # fmt: skip
     store_rows(
         DQ + b * stride_dqb + h * stride_dqh, tok_q, row_ok, stride_dqn, stride_dqd, offs_d,

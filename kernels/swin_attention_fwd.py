@@ -139,23 +139,37 @@ def _fwd_range(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail."""
-    full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
-    for col_start in tl.range(lo, full_end, BLOCK_N):
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, col_start, hi,
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, TMA, PRECISION, UPCAST,
-        )  # fmt: skip
-    if full_end < hi:
-        acc, m_i, l_i = _fwd_block(
-            acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, full_end, hi,
-            stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
-            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, TMA, PRECISION, UPCAST,
-        )  # fmt: skip
+    """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail.
+
+    ``PEEL_TAIL=False`` (fp32: FMA dots) masks every block of one loop instead: a peeled fp32 tail block
+    makes Triton pick register-hungry layouts for the whole kernel (255 registers and kilobytes of
+    spills at D = 128), and fp32 is not the fast path.
+    """
+    if not PEEL_TAIL:
+        for col_start in tl.range(lo, hi, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, col_start, hi,
+                stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, False, PRECISION, UPCAST,
+            )  # fmt: skip
+    else:
+        full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
+        for col_start in tl.range(lo, full_end, BLOCK_N):
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, col_start, hi,
+                stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, TMA, PRECISION, UPCAST,
+            )  # fmt: skip
+        if full_end < hi:
+            acc, m_i, l_i = _fwd_block(
+                acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, full_end, hi,
+                stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
+                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, TMA, PRECISION, UPCAST,
+            )  # fmt: skip
     return acc, m_i, l_i
 
 
@@ -229,12 +243,12 @@ def swin_attn_fwd_kernel(
     acc, m_i, l_i = _fwd_range(
         acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, start0, end0,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
     )  # fmt: skip
     acc, m_i, l_i = _fwd_range(
         acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, start1, end1,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
     )  # fmt: skip
 
     acc = acc / l_i[:, None]

@@ -67,37 +67,138 @@ def _ptxas_or_skip():
         pytest.skip(str(exc))
 
 
+# Synthetic PTX loops: a cp.async pipeline that keeps 2 groups in flight, one that drains them all, a
+# TMA loop with prologue prefetches, and a TMA loop that issues and waits in the same iteration.
+_PTX_PIPELINED = """
+\tcp.async.commit_group;
+$L__BB0_2:
+\tcp.async.wait_group \t2;
+\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {...};
+\twgmma.wait_group.sync.aligned 0;
+\tcp.async.commit_group;
+\t@%p16 bra \t$L__BB0_2;
+$L__BB0_3:
+\tcp.async.wait_group \t0;
+"""
+_PTX_DRAINS = _PTX_PIPELINED.replace("wait_group \t2;", "wait_group \t0;")
+_PTX_TMA_PREFETCH = """
+\t@%p14 cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r75], [%rd27, {%r1, %r2}], [%r69];
+$L__BB0_2:
+{
+waitLoop:
+\tmbarrier.try_wait.parity.shared::cta.b64 complete, [%r132], %r3;
+\t@!complete bra.uni waitLoop;
+}
+\t@%p43 cp.async.bulk.tensor.2d.shared::cta.global.mbarrier::complete_tx::bytes [%r300], [%rd27, {%r4, %r5}], [%r299];
+\t@%p52 bra \t$L__BB0_2;
+"""
+_PTX_TMA_NO_PREFETCH = _PTX_TMA_PREFETCH.split("\n", 2)[2]
+
+
+def test_loop_waits_all_on_fixed_ptx():
+    from semanticgen.kernel_report.triton_report import loop_waits_all
+
+    assert not loop_waits_all(_PTX_PIPELINED)  # the wait_group 0 after the loop does not count
+    assert loop_waits_all(_PTX_DRAINS)
+    assert not loop_waits_all(_PTX_TMA_PREFETCH)
+    assert loop_waits_all(_PTX_TMA_NO_PREFETCH)
+    assert not loop_waits_all("ld.global.f32 %f1, [%rd1];")  # no loop at all
+
+
+def test_ctas_per_sm():
+    from semanticgen.kernel_report.triton_report import ctas_per_sm
+
+    # 8 warps x 255 regs (256 allocated): 65536 / (8 * 32 * 256) = 1 block; shared allows 2.
+    assert ctas_per_sm(90, 255, 100_000, 8) == 1
+    # 4 warps x 128 regs: registers allow 4, shared (64 KiB + 1 KiB reserved) allows 3 on sm_90.
+    assert ctas_per_sm(90, 128, 65536, 4) == 3
+    # Shared memory over the SM's capacity: nothing fits.
+    assert ctas_per_sm(80, 64, 200_000, 4) == 0
+
+
+def test_config_tables_fix_block_sizes_per_entry():
+    """Autotune alternatives differ only in warps and stages, so results do not depend on the winner."""
+    from semanticgen.kernels._triton_utils import ConfigTable, KernelConfig
+    from semanticgen.kernels.swin_attention_bwd import DKDV_CONFIGS, DQ_CONFIGS
+    from semanticgen.kernels.swin_attention_fwd import FWD_CONFIGS
+
+    for table in (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS):
+        for _, configs in [*table.entries.values(), *table.fp32_entries.values()]:
+            assert len({c.blocks for c in configs}) == 1, table.kernel
+    assert FWD_CONFIGS.lookup("sm90", 64)[1][0].kwargs == {"BLOCK_N": 128}
+    assert FWD_CONFIGS.lookup("sm90", 128)[1][0].kwargs == {"BLOCK_N": 128}
+    bad = {("sm90", 64): (64, (KernelConfig.make(4, 2, BLOCK_N=64), KernelConfig.make(4, 2, BLOCK_N=32)))}
+    with pytest.raises(ValueError, match="differ in block sizes"):
+        ConfigTable(kernel="k", tile_name="BLOCK_M", entries=bad)
+
+
+def test_window_bucket():
+    from semanticgen.kernels._triton_utils import MAX_WINDOW_BUCKET, window_bucket
+
+    assert window_bucket(1) == 64 and window_bucket(65) == 128 and window_bucket(4352) == 8192
+    assert window_bucket(10**6) == MAX_WINDOW_BUCKET
+
+
+def _assert_common(rows, arch):
+    for row in rows:
+        assert row["arch"] == parse_arch(arch)[1] and row["source"] == "triton"
+        assert 0 < row["registers"] <= 255, row
+        assert row["shared_bytes"] <= row["shared_limit_bytes"], f"{row['kernel']} {row['config']} exceeds smem"
+        assert row["ctas_per_sm"] >= 1, row
+        assert isinstance(row["wgmma"], bool) and isinstance(row["tma"], bool)
+        assert isinstance(row["loop_waits_all"], bool)
+    spilling = [
+        f"{r['kernel']} {r['dtype']} D={r['head_dim']} {r['config']}"
+        for r in rows
+        if r["default"] and (r["spill_store_bytes"] or r["spill_load_bytes"])
+    ]
+    assert not spilling, f"default configs spill on {arch}: {spilling}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_all_triton_kernels_compile_and_defaults_do_not_spill(arch):
+    """Every shipped config (bf16, fp16, fp32; D = 64, 128; int32 and int64 strides) compiles; defaults
+    never spill; on sm_90a the bf16/fp16 defaults use wgmma, keep copies in flight across loop
+    iterations (``loop_waits_all`` false) and the forward loads through TMA."""
     _ptxas_or_skip()
+    from semanticgen.kernels._triton_utils import tma_available
+
     from semanticgen.kernel_report.triton_report import kernel_specs, triton_kernel_reports
 
     rows = triton_kernel_reports(arch)
     kernels = {spec.name for spec in kernel_specs()}
-    assert {(r["kernel"], r["head_dim"]) for r in rows} == {(k, d) for k in kernels for d in (64, 128)}
-    for row in rows:
-        assert row["arch"] == parse_arch(arch)[1] and row["source"] == "triton" and row["dtype"] == "bf16"
-        assert 0 < row["registers"] <= 255, row
-        assert row["shared_bytes"] <= row["shared_limit_bytes"], f"{row['kernel']} {row['config']} exceeds smem"
-    defaults = [r for r in rows if r["default"]]
-    assert {(r["kernel"], r["head_dim"]) for r in defaults} == {(k, d) for k in kernels for d in (64, 128)}
-    spilling = [f"{r['kernel']} D={r['head_dim']} {r['config']}" for r in defaults if r["spill_store_bytes"]]
-    assert not spilling, f"default configs spill on {arch}: {spilling}"
+    expected = {
+        (k, dt, d, bits) for k in kernels for dt in ("bf16", "fp16", "fp32") for d in (64, 128) for bits in (32, 64)
+    }
+    assert {(r["kernel"], r["dtype"], r["head_dim"], r["index_bits"]) for r in rows} == expected
+    defaults = {(r["kernel"], r["dtype"], r["head_dim"], r["index_bits"]) for r in rows if r["default"]}
+    assert defaults == expected
+    _assert_common(rows, arch)
+    if arch != "sm_90a":
+        assert not any(r["wgmma"] or r["tma"] for r in rows)
+        return
+    dots = {spec.name for spec in kernel_specs() if spec.has_dot}
+    half = [r for r in rows if r["default"] and r["dtype"] != "fp32" and r["kernel"] in dots]
+    assert half
+    no_wgmma = [f"{r['kernel']} {r['dtype']} D={r['head_dim']} {r['config']}" for r in half if not r["wgmma"]]
+    assert not no_wgmma, f"defaults without wgmma on sm_90a: {no_wgmma}"
+    waits = [f"{r['kernel']} {r['dtype']} D={r['head_dim']} {r['config']}" for r in half if r["loop_waits_all"]]
+    assert not waits, f"defaults whose main loop waits on every copy on sm_90a: {waits}"
+    fwd = [r for r in half if r["kernel"] == "swin_attn_fwd" and r["primary"]]
+    assert fwd and all(r["tma"] is tma_available() for r in fwd)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_fp32_and_fp16_defaults_do_not_spill(arch):
-    """fp32 runs full-precision dots on FMA units with its own small tiles; fp16 shares bf16's configs."""
+def test_padded_head_dim_defaults_do_not_spill(arch):
+    """D = 80 pads to 128 with masked head-dim loads; fp32 runs full-precision dots with its own small tiles."""
     _ptxas_or_skip()
     from semanticgen.kernel_report.triton_report import triton_kernel_reports
 
-    rows = triton_kernel_reports(arch, dtypes=("fp32", "fp16"), head_dims=(80, 128), defaults_only=True)
+    rows = triton_kernel_reports(arch, dtypes=("fp32", "fp16"), head_dims=(80,), defaults_only=True, index_bits=(32,))
     assert {r["dtype"] for r in rows} == {"fp32", "fp16"} and all(r["default"] for r in rows)
-    spilling = [f"{r['kernel']} {r['dtype']} D={r['head_dim']}" for r in rows if r["spill_store_bytes"]]
-    assert not spilling, f"default configs spill on {arch}: {spilling}"
-    assert all(r["shared_bytes"] <= r["shared_limit_bytes"] for r in rows)
+    _assert_common(rows, arch)
 
 
 class _CudaTensorStub:

@@ -198,6 +198,53 @@ def _worker(device_kind: str) -> dict:
         runs.append(torch.autograd.grad(out, (q, k, v), grad))
     results["deterministic"] = all(torch.equal(a, b) for a, b in zip(*runs))
 
+    # Autotune alternatives differ only in warps and stages: on a GPU every config of a kernel gives
+    # bitwise the same result (the interpreter ships one config per kernel, nothing to compare).
+    if not interpret:
+        from itertools import zip_longest
+
+        from semanticgen.kernels._triton_utils import device_arch_class, padded_head_dim, window_bucket
+
+        layout = WindowLayout(8, 40, 2, 16, 4)
+        bucket = window_bucket(layout.max_window_length(True))
+        mismatches = []
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for dim in (64, 128):
+                q, k, v, do = (randn(2, layout.num_tokens, 3, dim, dtype=dtype) for _ in range(4))
+                blocks = _blocks(tb, q)
+                tiles = [tb.tile_table(layout, True, device, b) for b in blocks]
+                arch, dpad, fp32 = device_arch_class(q.device), padded_head_dim(dim), dtype == torch.float32
+                fwd_cfgs, dq_cfgs, dkdv_cfgs = (
+                    t.lookup(arch, dpad, fp32=fp32)[1] for t in (tb.FWD_CONFIGS, tb.DQ_CONFIGS, tb.DKDV_CONFIGS)
+                )
+                runs = [tb._launch_fwd(q, k, v, tiles[0], 0.125, blocks[0], bucket, forced=c) for c in fwd_cfgs]
+                if not all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run)):
+                    mismatches.append(f"fwd {dtype} D={dim}")
+                out, lse = runs[0]
+                pairs = list(zip_longest(dkdv_cfgs, dq_cfgs, fillvalue=None))
+                grads = [
+                    tb._launch_bwd(
+                        do,
+                        q,
+                        k,
+                        v,
+                        out,
+                        lse,
+                        tiles[1],
+                        tiles[2],
+                        0.125,
+                        blocks[1],
+                        blocks[2],
+                        bucket,
+                        False,
+                        forced=(c1 or dkdv_cfgs[0], c2 or dq_cfgs[0]),
+                    )  # fmt: skip
+                    for c1, c2 in pairs
+                ]
+                if not all(torch.equal(a, b) for run in grads[1:] for a, b in zip(grads[0], run)):
+                    mismatches.append(f"bwd {dtype} D={dim}")
+        results["config_mismatches"] = mismatches
+
     # backend=None picks the Triton backend (on CPU tensors only under the interpreter).
     results["available"] = available_backends(device)["triton"]
     out_default = swin_attention(q, k, v, layout, shifted=True)
@@ -339,6 +386,12 @@ def test_stride_zero_gradient(interpreted):
 
 def test_backward_is_deterministic(interpreted):
     assert interpreted["deterministic"]
+
+
+def test_autotune_configs_are_bitwise_identical(interpreted):
+    if interpreted["device_kind"] == "interpreter":
+        pytest.skip("the interpreter table has one config per kernel; compared on a GPU only")
+    assert interpreted["config_mismatches"] == []
 
 
 def test_backend_none_picks_triton(interpreted):

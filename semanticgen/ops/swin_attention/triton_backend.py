@@ -168,7 +168,15 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 # -------------------------------------------------------------------------------------- launchers
-def _launch_fwd(q, k, v, fwd_tiles, scale, fwd_block, bucket):
+def _kernel(tuned, forced):
+    """``(kernel, launch options)``: the autotuned kernel, or with ``forced`` (a ``KernelConfig``) the plain
+    kernel with that config's blocks, warps and stages (tests use it to compare configs bitwise)."""
+    if forced is None:
+        return wrap_triton(tuned), {}
+    return wrap_triton(tuned.fn), {**forced.kwargs, "num_warps": forced.num_warps, "num_stages": forced.num_stages}
+
+
+def _launch_fwd(q, k, v, fwd_tiles, scale, fwd_block, bucket, forced=None):
     batch, num_tokens, heads, head_dim = q.shape
     out = torch.empty((batch, num_tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, heads, num_tokens), dtype=torch.float32, device=q.device)
@@ -176,7 +184,8 @@ def _launch_fwd(q, k, v, fwd_tiles, scale, fwd_block, bucket):
     if tma and not _INTERPRET:
         ensure_tma_allocator()
     grid = (fwd_tiles.shape[0], batch * heads)
-    wrap_triton(swin_attn_fwd_kernel_tuned)[grid](
+    kernel, options = _kernel(swin_attn_fwd_kernel_tuned, forced)
+    kernel[grid](
         q,
         k,
         v,
@@ -197,11 +206,27 @@ def _launch_fwd(q, k, v, fwd_tiles, scale, fwd_block, bucket):
         TMA=tma,
         PRECISION=_precision(q.dtype),
         UPCAST=_upcast_dots(),
+        **options,
     )
     return out, lse
 
 
-def _launch_bwd(grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, scale, dq_block, dkdv_block, bucket, atomic_dq):
+def _launch_bwd(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    dq_tiles,
+    dkdv_tiles,
+    scale,
+    dq_block,
+    dkdv_block,
+    bucket,
+    atomic_dq,
+    forced=(None, None),
+):
     batch, num_tokens, heads, head_dim = q.shape
     block_d = padded_head_dim(head_dim)
     arch = device_arch_class(q.device)
@@ -228,7 +253,8 @@ def _launch_bwd(grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, scale, dq_blo
     dq_acc = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
     dq_acc_strides = _strides(dq_acc) if atomic_dq else (0, 0, 0, 0)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=_precision(q.dtype), UPCAST=_upcast_dots())
-    wrap_triton(swin_attn_bwd_dkdv_kernel_tuned)[(dkdv_tiles.shape[0], batch * heads)](
+    kernel, options = _kernel(swin_attn_bwd_dkdv_kernel_tuned, forced[0])
+    kernel[(dkdv_tiles.shape[0], batch * heads)](
         q,
         k,
         v,
@@ -254,11 +280,13 @@ def _launch_bwd(grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, scale, dq_blo
         BLOCK_N=dkdv_block,
         ATOMIC_DQ=atomic_dq,
         **common,
+        **options,
     )
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(shape, dtype=q.dtype, device=q.device)
-    wrap_triton(swin_attn_bwd_dq_kernel_tuned)[(dq_tiles.shape[0], batch * heads)](
+    kernel, options = _kernel(swin_attn_bwd_dq_kernel_tuned, forced[1])
+    kernel[(dq_tiles.shape[0], batch * heads)](
         q,
         k,
         v,
@@ -279,6 +307,7 @@ def _launch_bwd(grad_out, q, k, v, out, lse, dq_tiles, dkdv_tiles, scale, dq_blo
         bucket,
         BLOCK_M=dq_block,
         **common,
+        **options,
     )
     return dq, dk, dv
 

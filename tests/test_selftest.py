@@ -21,6 +21,15 @@ from semanticgen.ops.swin_attention import cpu as swin_cpu
 STATUSES = {"PASS", "FAIL", "SKIP"}
 
 
+@pytest.fixture(autouse=True)
+def _no_time_budget(monkeypatch):
+    """Sections stop starting checks past their time budget; on a loaded CI machine that would turn checks
+    these tests assert on into SKIP rows, so the budgets are lifted here."""
+    monkeypatch.setattr(
+        selftest, "_BUDGET_S", {key: dict.fromkeys(budget, 3600) for key, budget in selftest._BUDGET_S.items()}
+    )
+
+
 def _rows(path) -> list[dict]:
     report = json.loads(path.read_text())
     rows = report["rows"]
@@ -50,8 +59,10 @@ def test_cpu_quick_run_passes_and_writes_every_section(tmp_path, capsys):
         assert r["error"] <= r["bound"]
         assert len(r["data"]["sub_checks"]) == 16  # out, dq, dk, dv x both parities x both orders
     assert all(r["status"] == "SKIP" and r["detail"] for r in by_section["int64"] + by_section["graph"])
-    timed = [r for r in by_section["timing"] if r["name"] == "cpu fwd"]
-    assert len(timed) == 3 and all(r["status"] == "PASS" and r["data"]["ms"] > 0 for r in timed)
+    timed = [r for r in by_section["timing"] if r["name"].startswith("cpu fwd")]
+    assert len(timed) == 6  # 3 sizes x 2 token orders
+    assert all(r["status"] == "PASS" and r["data"]["ms"] > 0 for r in timed)
+    assert any(r["data"]["extrapolated"] for r in timed)  # full attention at the largest size is extrapolated
     assert all(r["data"]["speedup"] > 0 for r in timed)
     env = report["environment"]
     assert env["torch"] == torch.__version__ and "semanticgen" in env and "git_commit" in env

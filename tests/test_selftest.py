@@ -160,3 +160,14 @@ def test_sampling_loop_is_deterministic_and_as_accurate_as_plain_torch():
     exact = sample_plain(z_init.double())
     ours, plain = selftest.rel_error(z, exact), selftest.rel_error(sample_plain(z_init.clone()), exact)
     assert 0 < ours <= selftest.bound_from_plain(plain, torch.bfloat16)
+
+
+def test_missing_extension_is_a_failure_with_the_rebuild_hint(tmp_path, monkeypatch):
+    from semanticgen import _extension
+
+    monkeypatch.setattr(_extension, "_IMPORT_ERROR", ImportError("simulated: _C.abi3.so not found"))
+    out = tmp_path / "no_ext.json"
+    assert main(["selftest", "--device", "cpu", "--only", "flow", "--json", str(out)]) == 1
+    (row,) = _rows(out)
+    assert row["status"] == "FAIL" and row["name"] == "semanticgen._C"
+    assert "simulated" in row["detail"] and "pip install" in row["detail"]

@@ -469,7 +469,8 @@ def int64_section(device: str, quick: bool, section: _Section) -> list[Row]:
         except Exception as exc:
             rows.append(Row("int64", name, device, _dname(dtype), layout_id, status=FAIL, detail=_short(exc)))
         finally:
-            torch.cuda.empty_cache()
+            with contextlib.suppress(RuntimeError):  # after a device fault even this raises; the row says why
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -957,9 +958,9 @@ def run_selftest(
         section = _Section(name, budgets[name])
         try:
             section_rows = _SECTION_FNS[name](device, quick, section)
+            _sync(device)  # an asynchronous device fault surfaces here, charged to the section that caused it
         except Exception as exc:  # a section that crashes outside its own checks still yields a verdict
             section_rows = [Row(name, f"{name} section", device, status=FAIL, detail=_short(exc))]
-        _sync(device)
         elapsed[name] = section.elapsed
         counts = {s: sum(r.status == s for r in section_rows) for s in (PASS, FAIL, SKIP)}
         log(f"selftest {name}: {counts[PASS]} pass, {counts[FAIL]} fail, {counts[SKIP]} skip in {elapsed[name]:.1f} s")
@@ -1031,7 +1032,13 @@ def print_report(rows: Sequence[Row], elapsed: dict[str, float], device_name: st
             console.print("* full attention extrapolated by N^2 from the largest size it was timed at")
     times = ", ".join(f"{k} {v:.1f} s" for k, v in elapsed.items())
     console.print(f"section times: {times}")
-    word_style = "bold red" if any(r.status == FAIL for r in rows) else "bold green"
+    failed = [r for r in rows if r.status == FAIL]
+    if failed:
+        # After a device fault every later check fails with the same error: the first failure is the cause.
+        first = failed[0]
+        console.print(f"first failure: {first.section} / {escape(first.name)} / {escape(first.layout)}: "
+                      f"{escape(first.detail)}")  # fmt: skip
+    word_style = "bold red" if failed else "bold green"
     console.print(f"[{word_style}]{escape(verdict(rows, elapsed, device_name))}[/]")
 
 

@@ -176,8 +176,14 @@ def _dkdv_block(
     ``MASKED``: the ragged tail of a range (rows at or past ``row_end`` contribute nothing).
     ``ATOMIC_DQ``: also add this block's ``scale * dS K`` to the fp32 dQ buffer with atomics.
     """
-    offs_m = row_start + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < row_end
+    # Block-relative rows on a 64-bit block base (row_start * stride can pass 2**31; see the forward).
+    offs_m = tl.arange(0, BLOCK_M)
+    row_ok = row_start + offs_m < row_end
+    q_base = q_base + tl.cast(row_start, tl.int64) * stride_qn
+    do_base = do_base + tl.cast(row_start, tl.int64) * stride_don
+    dq_base = dq_base + tl.cast(row_start, tl.int64) * stride_dqn
+    lse_base = lse_base + row_start
+    delta_base = delta_base + row_start
     qt = load_rows(q_base, offs_m, row_ok, stride_qn, stride_qd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
     if MASKED:
         lse2 = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
@@ -394,8 +400,10 @@ def _dq_block(
     UPCAST: tl.constexpr,
 ):
     """One key block of the dQ loop; ``MASKED`` drops columns at or past ``col_end``. Returns ``dq``."""
-    offs_n = col_start + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < col_end
+    offs_n = tl.arange(0, BLOCK_N)  # block-relative, on a 64-bit block base (see the forward)
+    col_ok = col_start + offs_n < col_end
+    k_base = k_base + tl.cast(col_start, tl.int64) * stride_kn
+    v_base = v_base + tl.cast(col_start, tl.int64) * stride_vn
     kt = load_rows(k_base, offs_n, col_ok, stride_kn, stride_kd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
     vt = load_rows(v_base, offs_n, col_ok, stride_vn, stride_vd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
     s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)

@@ -93,8 +93,12 @@ def _fwd_block(
     ``MASKED``: the ragged tail of a range (columns at or past ``col_end`` are dropped); otherwise the
     block is full and needs no predicate. ``TMA``: full blocks load through the descriptors.
     """
-    offs_n = col_start + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < col_end
+    # Block-relative rows on top of a 64-bit block base: row * stride stays small in 32 bits, and
+    # col_start * stride (which can pass 2**31 on long sequences) is formed once, in 64 bits.
+    offs_n = tl.arange(0, BLOCK_N)
+    col_ok = col_start + offs_n < col_end
+    k_base = k_base + tl.cast(col_start, tl.int64) * stride_kn
+    v_base = v_base + tl.cast(col_start, tl.int64) * stride_vn
     if TMA and not MASKED:
         kt = tl.trans(k_desc.load([col_start, 0]))
     else:

@@ -22,6 +22,11 @@ TMA: on compute capability 9.x with bf16/fp16 inputs whose key/value strides all
 dim, 16-byte aligned strides and offset) the forward loads full key/value blocks through device-side
 tensor descriptors; ``SEMANTICGEN_TRITON_TMA=0`` forces the pointer path. Everywhere else (sm_80, fp32,
 odd strides, Triton without ``tl.make_tensor_descriptor``, the interpreter) the pointer path runs.
+Device-side descriptors need Triton's global scratch allocator, which lives in a ``ContextVar``: the
+launcher installs one (``ensure_tma_allocator``) in the launching thread unless the user set one. Code
+that launches the compiled forward from a thread where no eager launch ran (e.g. a compiled graph
+recomputing the forward on the autograd thread) needs ``triton.set_allocator`` there, or
+``SEMANTICGEN_TRITON_TMA=0``.
 
 Backward determinism: by default the backward has no atomics (a dK/dV kernel and a separate dQ kernel,
 every output element written by one program in a fixed order), so gradients are bitwise reproducible.

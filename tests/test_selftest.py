@@ -171,3 +171,49 @@ def test_missing_extension_is_a_failure_with_the_rebuild_hint(tmp_path, monkeypa
     (row,) = _rows(out)
     assert row["status"] == "FAIL" and row["name"] == "semanticgen._C"
     assert "simulated" in row["detail"] and "pip install" in row["detail"]
+
+
+def test_report_renders_cuda_style_rows_and_non_finite_errors():
+    from rich.console import Console
+
+    rows = [
+        selftest.Row(
+            "attention",
+            "triton fwd+bwd",
+            "cuda",
+            "bf16",
+            "odd-Tw",
+            error=math.inf,
+            bound=1e-2,
+            status="FAIL",
+            detail="dq shifted/streams: inf > 0.01",
+            data={"sub_checks": {"x": {"error": math.inf}}},
+        ),
+        selftest.Row("graph", "graph replay == eager", "cuda", "bf16", "2x4x3x17x29", error=0.0, bound=0.0),
+        selftest.Row(
+            "timing",
+            "full attention (sdpa-flash)",
+            "cuda",
+            "bf16",
+            "60 s",
+            detail="extrapolated",
+            data={"ms": 1234.5, "tokens": 586080, "extrapolated": True},
+        ),
+        selftest.Row(
+            "timing",
+            "varlen fwd, blocked order",
+            "cuda",
+            "bf16",
+            "60 s",
+            data={"ms": 140.2, "full_ms": 1234.5, "speedup": 8.8, "tokens": 586080, "extrapolated": True},
+        ),
+    ]
+    console = Console(width=200, record=True)
+    selftest.print_report(rows, {"attention": 1.0, "timing": 2.0}, "NVIDIA H200", console)
+    text = console.export_text()
+    assert "first failure: attention / triton fwd+bwd" in text
+    assert "8.8x" in text and "1,234*" in text and "selftest FAIL: 3 passed, 1 failed" in text
+    report = selftest.report_json(rows, {"attention": 1.0}, "cpu", True, "cpu")
+    assert report["verdict"] == "FAIL"
+    assert report["rows"][0]["error"] == "inf" and report["rows"][0]["data"]["sub_checks"]["x"]["error"] == "inf"
+    json.dumps(report, allow_nan=False)  # strict JSON: no bare Infinity / NaN

@@ -55,6 +55,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from semanticgen import __version__
     from semanticgen._extension import built_cuda_archs, extension_error
     from semanticgen.ops import available_backends
+    from semanticgen.ops.swin_attention import backend_descriptions
 
     try:
         import triton
@@ -91,8 +92,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         dev: {name: (reason or "available") for name, reason in available_backends(dev).items()}
         for dev in ("cpu", "cuda")
     }
+    kernels = backend_descriptions()
     if args.json:
-        print(json.dumps({**info, "compiled_ops": compiled_ops, "swin_attention_backends": backends}, indent=2))
+        payload = {**info, "compiled_ops": compiled_ops, "swin_attention_backends": backends}
+        print(json.dumps({**payload, "swin_attention_kernels": kernels}, indent=2))
         return 0
     from rich.markup import escape
     from rich.table import Table
@@ -108,8 +111,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     btable.add_column("backend")
     btable.add_column("cpu tensors")
     btable.add_column("cuda tensors")
+    btable.add_column("kernel")
     for name in backends["cpu"]:
-        btable.add_row(name, backends["cpu"][name], backends["cuda"][name])
+        btable.add_row(name, backends["cpu"][name], backends["cuda"][name], escape(kernels.get(name, "-")))
     console.print(btable)
     return 0
 
@@ -200,10 +204,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     kwargs = {k: getattr(args, k) for k in ("fps", "window", "heads", "head_dim") if getattr(args, k) is not None}
     result = planning.plan(args.seconds, args.height, args.width, **kwargs)
+    cp = None
+    if args.context_parallel is not None:
+        cp = planning.plan_context_parallel(
+            result,
+            args.context_parallel,
+            hidden=args.hidden,
+            link_gbytes_per_s=args.link_gbps,
+            attention_tflops=args.attention_tflops,
+        )
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps({**result.to_dict(), **({"context_parallel": cp.to_dict()} if cp else {})}, indent=2))
     else:
         print(planning.format_plan(result))
+        if cp is not None:
+            print()
+            print(planning.format_context_parallel(cp))
     return 0
 
 
@@ -309,6 +325,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=_positive_int, help="window length Tw in latent frames")
     p.add_argument("--heads", type=_positive_int, help="attention heads")
     p.add_argument("--head-dim", dest="head_dim", type=_positive_int, help="head dimension")
+    p.add_argument(
+        "--context-parallel",
+        dest="context_parallel",
+        type=_positive_int,
+        help="also print per-rank tokens, memory and halo bytes for stage 2 split over this many ranks",
+    )
+    p.add_argument("--hidden", type=_positive_int, default=5120, help="model width for --context-parallel (5120)")
+    p.add_argument(
+        "--link-gbps", dest="link_gbps", type=_positive_float, default=50.0, help="assumed GB/s per GPU link (50)"
+    )
+    p.add_argument(
+        "--attention-tflops",
+        dest="attention_tflops",
+        type=_positive_float,
+        default=600.0,
+        help="assumed attention TFLOP/s per GPU (600)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_plan)
 

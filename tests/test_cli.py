@@ -33,6 +33,17 @@ def test_plan_json_matches_layout_maths(capsys):
     assert "561600" in text  # 360 latent frames x 1,560 tokens
 
 
+def test_plan_context_parallel_json_and_refusal(capsys):
+    args = ["plan", "--seconds", "60", "--height", "480", "--width", "832"]
+    assert main([*args, "--context-parallel", "8", "--json"]) == 0
+    cp = json.loads(capsys.readouterr().out)["context_parallel"]
+    assert cp["size"] == 8 and sum(cp["tokens_per_rank"]) == 586_080 and sum(cp["windows_per_rank"]) == 18
+    assert cp["bytes_per_layer"]["halo_hidden"] < cp["bytes_per_layer"]["ulysses"]
+    assert main([*args[:2], "10", *args[3:], "--context-parallel", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 8 unshifted windows" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

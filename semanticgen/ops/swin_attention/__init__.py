@@ -11,7 +11,14 @@ from __future__ import annotations
 import torch
 
 from . import cpu as _cpu
-from .interface import Backend, available_backends, register_backend, swin_attention
+from .interface import (
+    Backend,
+    available_backends,
+    backend_descriptions,
+    register_backend,
+    registered_backends,
+    swin_attention,
+)
 from .layout import WindowIndexMap, WindowLayout, WindowSegment, WindowShard
 from .reference import swin_attention_reference
 
@@ -23,6 +30,8 @@ __all__ = [
     "swin_attention",
     "swin_attention_reference",
     "available_backends",
+    "backend_descriptions",
+    "registered_backends",
     "register_backend",
     "Backend",
 ]

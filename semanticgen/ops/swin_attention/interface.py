@@ -109,6 +109,24 @@ def available_backends(device: torch.device | str | None = None) -> dict[str, st
     return report
 
 
+def registered_backends() -> dict[str, Backend]:
+    """The registered backends by name (lazy ones loaded first); read-only use."""
+    _load_lazy_backends()
+    return dict(_BACKENDS)
+
+
+def backend_descriptions() -> dict[str, str]:
+    """Backend name -> which kernel it runs on this machine, for backends that say (``semanticgen info``)."""
+    out = {}
+    for name, backend in registered_backends().items():
+        if backend.describe is not None:
+            try:
+                out[name] = backend.describe()
+            except Exception as exc:  # a description must never break `semanticgen info`
+                out[name] = f"unknown ({type(exc).__name__}: {exc})"
+    return out
+
+
 def _select_backend(name: str | None, q: torch.Tensor) -> Backend:
     """The backend ``backend=name`` runs ``q`` (``[B, N, H, D]``) with; ``None`` picks by priority.
 

@@ -77,8 +77,8 @@ DKDV_CONFIGS = ConfigTable(
     },
     fp32_entries={
         64: (32, (_C(4, 2, BLOCK_M=16), _C(8, 2, BLOCK_M=16))),
-        # 4 warps: 255 registers and ~700 bytes of spills at D = 128; 8 warps: ~115, none.
-        128: (32, (_C(8, 2, BLOCK_M=16), _C(8, 1, BLOCK_M=16))),
+        # 4 warps: 255 registers and ~700 bytes of spills at D = 128; 8 warps, 1 stage: 122, none.
+        128: (32, (_C(8, 1, BLOCK_M=16), _C(8, 2, BLOCK_M=16))),
     },
 )
 # dQ: tile BLOCK_M (query rows per program) and inner key block BLOCK_N fixed, as above.

@@ -58,6 +58,11 @@ FWD_CONFIGS = ConfigTable(
         64: (32, (_C(8, 2, BLOCK_N=16), _C(8, 1, BLOCK_N=16))),
         128: (32, (_C(8, 1, BLOCK_N=16),)),
     },
+    # Pointer loads of 128 x 128 key blocks at D = 128 need more than 255 registers (40-byte spills):
+    # without TMA (odd strides, Triton < 3.4, SEMANTICGEN_TRITON_TMA=0) sm_90 streams 64-key blocks.
+    pointer_entries={
+        ("sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),
+    },
 )
 
 
@@ -267,7 +272,8 @@ def swin_attn_fwd_kernel(
 
 def _select_fwd(named_args, kwargs):
     q = named_args["Q"]
-    return FWD_CONFIGS.lookup(device_arch_class(q.device), kwargs["BLOCK_D"], fp32=q.element_size() == 4)[1]
+    arch, fp32 = device_arch_class(q.device), q.element_size() == 4
+    return FWD_CONFIGS.lookup(arch, kwargs["BLOCK_D"], fp32=fp32, tma=bool(kwargs.get("TMA", True)))[1]
 
 
 swin_attn_fwd_kernel_tuned = triton.autotune(

@@ -328,8 +328,10 @@ def triton_kernel_reports(
     for spec in _specs():
         for dtype in dtype_names:
             for head_dim in head_dims:
-                tile, configs = spec.table.lookup(table_arch, padded_head_dim(head_dim), fp32=dtype == "fp32")
                 for variant, constexprs, primary in _variants(spec, cc, dtype):
+                    tile, configs = spec.table.lookup(
+                        table_arch, padded_head_dim(head_dim), fp32=dtype == "fp32", tma=constexprs.get("TMA", True)
+                    )
                     for bits in bits_list:
                         full = primary and bits == 32 and not defaults_only
                         for position, config in enumerate(configs if full else configs[:1]):

@@ -165,60 +165,60 @@ class ConfigTable:
     the next larger listed one (so 32 uses the 64 entry). ``fp32_entries[head_dim_pad]`` replaces
     them for fp32 inputs on any GPU: full-precision fp32 dots run on FMA units with far larger
     register tiles than bf16 MMAs (the bf16 tiles spilled kilobytes), so they need their own small tiles.
-    ``pointer_entries[(arch, head_dim_pad)]`` replaces an entry's configs (same tile) for half-precision
-    launches that cannot use TMA: pointer tensors cost registers that descriptors do not. The load path
-    follows from the tensors' strides, never from the autotuner, so results stay independent of it.
+    ``variant_entries[(variant, arch or "fp32", head_dim_pad)]`` replaces an entry for one kernel variant:
+    ``"pointer"`` (a half-precision forward that cannot use TMA: pointer tensors cost registers that
+    descriptors do not) and ``"atomic_dq"`` (the dK/dV kernel with the extra dQ tile). Variants follow
+    from the tensors' strides and the user's opt-in, never from the autotuner, so results stay
+    independent of what it picks.
     """
 
     kernel: str
     tile_name: str
     entries: dict[tuple[str, int], tuple[int, tuple[KernelConfig, ...]]]
     fp32_entries: dict[int, tuple[int, tuple[KernelConfig, ...]]] = dataclasses.field(default_factory=dict)
-    pointer_entries: dict[tuple[str, int], tuple[int, tuple[KernelConfig, ...]]] = dataclasses.field(
+    variant_entries: dict[tuple[str, str, int], tuple[int, tuple[KernelConfig, ...]]] = dataclasses.field(
         default_factory=dict
     )
 
     def __post_init__(self) -> None:
         # Alternatives may differ only in warps and stages: block sizes fix the reduction order.
-        for key, (tile, _) in self.pointer_entries.items():
-            if key not in self.entries or self.entries[key][0] != tile:
-                raise ValueError(f"{self.kernel}: pointer entry {key} must match an entry's tile size")
-        for key, (_, configs) in [*self.entries.items(), *self.fp32_entries.items(), *self.pointer_entries.items()]:
+        for key, (_, configs) in [*self.entries.items(), *self.fp32_entries.items(), *self.variant_entries.items()]:
             if len({c.blocks for c in configs}) != 1:
                 raise ValueError(
                     f"{self.kernel}: configs of {key} differ in block sizes: {[c.label() for c in configs]}"
                 )
 
     def lookup(
-        self, arch: str, head_dim_pad: int, *, fp32: bool = False, tma: bool = True
+        self, arch: str, head_dim_pad: int, *, fp32: bool = False, variant: str | None = None
     ) -> tuple[int, tuple[KernelConfig, ...]]:
-        """``(tile, configs)`` for an architecture class, padded head dim, input precision and load path.
+        """``(tile, configs)`` for an architecture class, padded head dim, input precision and kernel variant.
 
-        ``tma=False`` (a half-precision launch that loads through pointers) uses ``pointer_entries``
-        where the table has one for ``(arch, head_dim_pad)``.
+        ``variant`` (``"pointer"``: a half-precision forward without TMA; ``"atomic_dq"``: the atomic-dQ
+        dK/dV kernel) selects ``variant_entries[(variant, arch or "fp32", head_dim_pad)]`` where the table
+        has one, and the plain entry otherwise.
         """
         if fp32 and arch != "interpreter" and self.fp32_entries:
             dims = sorted(self.fp32_entries)
-            return self.fp32_entries[next((d for d in dims if d >= head_dim_pad), dims[-1])]
-        dims = sorted(d for a, d in self.entries if a == arch)
-        if not dims:
-            raise ValueError(f"{self.kernel}: no configs for architecture class {arch!r}")
-        key = (arch, next((d for d in dims if d >= head_dim_pad), dims[-1]))
-        if not tma and key in self.pointer_entries:
-            return self.pointer_entries[key]
-        return self.entries[key]
+            dim = next((d for d in dims if d >= head_dim_pad), dims[-1])
+            key, plain = ("fp32", dim), self.fp32_entries[dim]
+        else:
+            dims = sorted(d for a, d in self.entries if a == arch)
+            if not dims:
+                raise ValueError(f"{self.kernel}: no configs for architecture class {arch!r}")
+            key = (arch, next((d for d in dims if d >= head_dim_pad), dims[-1]))
+            plain = self.entries[key]
+        return self.variant_entries.get((variant, *key), plain) if variant else plain
 
     def all_triton_configs(self) -> list[triton.Config]:
-        """Every config of every arch (fp32 and pointer variants included), deduplicated: the autotuner's list.
+        """Every config of every arch (fp32 and variants included), deduplicated: the autotuner's list.
 
         The autotuner prunes it per launch to the list of the tensors' architecture (see :meth:`pruner`).
         """
         seen: dict[tuple, KernelConfig] = {}
-        for arch, dim in self.entries:
-            for fp32 in (False, True):
-                for tma in (True, False):
-                    for cfg in self.lookup(arch, dim, fp32=fp32, tma=tma)[1]:
-                        seen.setdefault(cfg.key(), cfg)
+        tables = [*self.entries.values(), *self.fp32_entries.values(), *self.variant_entries.values()]
+        for _, configs in tables:
+            for cfg in configs:
+                seen.setdefault(cfg.key(), cfg)
         return [c.to_triton() for c in seen.values()]
 
     def pruner(self, select):

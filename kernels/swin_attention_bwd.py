@@ -80,6 +80,12 @@ DKDV_CONFIGS = ConfigTable(
         # 4 warps: 255 registers and ~700 bytes of spills at D = 128; 8 warps, 1 stage: 122, none.
         128: (32, (_C(8, 1, BLOCK_M=16), _C(8, 2, BLOCK_M=16))),
     },
+    # The atomic-dQ build holds a [BLOCK_M, D] dQ tile on top of dK, dV, K and V: at D = 128 the plain
+    # tiles spill 8-32 bytes, so it streams 16-query blocks (and fp32 uses 16-key tiles).
+    variant_entries={
+        ("atomic_dq", "sm90", 128): (128, (_C(8, 3, BLOCK_M=16), _C(8, 4, BLOCK_M=16))),
+        ("atomic_dq", "fp32", 128): (16, (_C(8, 1, BLOCK_M=16),)),
+    },
 )
 # dQ: tile BLOCK_M (query rows per program) and inner key block BLOCK_N fixed, as above.
 DQ_CONFIGS = ConfigTable(
@@ -546,18 +552,23 @@ def swin_attn_bwd_dq_kernel(
 def _select(table: ConfigTable):
     def select(named_args, kwargs):
         q = named_args["Q"]
-        return table.lookup(device_arch_class(q.device), kwargs["BLOCK_D"], fp32=q.element_size() == 4)[1]
+        variant = "atomic_dq" if kwargs.get("ATOMIC_DQ", False) else None
+        return table.lookup(
+            device_arch_class(q.device), kwargs["BLOCK_D"], fp32=q.element_size() == 4, variant=variant
+        )[1]
 
     return select
 
 
-def _tuned(fn, table: ConfigTable):
+def _tuned(fn, table: ConfigTable, *variant_args: str):
+    # Variant flags (ATOMIC_DQ) are in the key: each variant has its own configs, and a cached choice
+    # must not cross over.
     return triton.autotune(
         configs=table.all_triton_configs(),
-        key=["HEAD_DIM", table.tile_name, "window_bucket"],
+        key=["HEAD_DIM", table.tile_name, "window_bucket", *variant_args],
         prune_configs_by={"early_config_prune": table.pruner(_select(table))},
     )(fn)
 
 
-swin_attn_bwd_dkdv_kernel_tuned = _tuned(swin_attn_bwd_dkdv_kernel, DKDV_CONFIGS)
+swin_attn_bwd_dkdv_kernel_tuned = _tuned(swin_attn_bwd_dkdv_kernel, DKDV_CONFIGS, "ATOMIC_DQ")
 swin_attn_bwd_dq_kernel_tuned = _tuned(swin_attn_bwd_dq_kernel, DQ_CONFIGS)

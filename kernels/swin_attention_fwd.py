@@ -60,8 +60,8 @@ FWD_CONFIGS = ConfigTable(
     },
     # Pointer loads of 128 x 128 key blocks at D = 128 need more than 255 registers (40-byte spills):
     # without TMA (odd strides, Triton < 3.4, SEMANTICGEN_TRITON_TMA=0) sm_90 streams 64-key blocks.
-    pointer_entries={
-        ("sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),
+    variant_entries={
+        ("pointer", "sm90", 128): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),
     },
 )
 
@@ -273,11 +273,13 @@ def swin_attn_fwd_kernel(
 def _select_fwd(named_args, kwargs):
     q = named_args["Q"]
     arch, fp32 = device_arch_class(q.device), q.element_size() == 4
-    return FWD_CONFIGS.lookup(arch, kwargs["BLOCK_D"], fp32=fp32, tma=bool(kwargs.get("TMA", True)))[1]
+    variant = None if kwargs.get("TMA", True) else "pointer"
+    return FWD_CONFIGS.lookup(arch, kwargs["BLOCK_D"], fp32=fp32, variant=variant)[1]
 
 
 swin_attn_fwd_kernel_tuned = triton.autotune(
     configs=FWD_CONFIGS.all_triton_configs(),
-    key=["HEAD_DIM", "BLOCK_M", "window_bucket"],
+    # TMA is in the key: the pointer path has its own configs, and a cached choice must not cross over.
+    key=["HEAD_DIM", "BLOCK_M", "window_bucket", "TMA"],
     prune_configs_by={"early_config_prune": FWD_CONFIGS.pruner(_select_fwd)},
 )(swin_attn_fwd_kernel)

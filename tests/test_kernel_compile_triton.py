@@ -123,7 +123,7 @@ def test_config_tables_fix_block_sizes_per_entry():
     from semanticgen.kernels.swin_attention_fwd import FWD_CONFIGS
 
     for table in (FWD_CONFIGS, DKDV_CONFIGS, DQ_CONFIGS):
-        for _, configs in [*table.entries.values(), *table.fp32_entries.values()]:
+        for _, configs in [*table.entries.values(), *table.fp32_entries.values(), *table.variant_entries.values()]:
             assert len({c.blocks for c in configs}) == 1, table.kernel
     assert FWD_CONFIGS.lookup("sm90", 64)[1][0].kwargs == {"BLOCK_N": 128}
     assert FWD_CONFIGS.lookup("sm90", 128)[1][0].kwargs == {"BLOCK_N": 128}
@@ -147,12 +147,11 @@ def _assert_common(rows, arch):
         assert row["ctas_per_sm"] >= 1, row
         assert isinstance(row["wgmma"], bool) and isinstance(row["tma"], bool)
         assert isinstance(row["loop_waits_all"], bool)
-    # The opt-in, non-deterministic atomic-dQ dK/dV build is reported but not held to zero spills: at
-    # D = 128 its extra dQ tile costs 8-32 bytes of spills (see the kernel report).
+    # Every default config spills nothing: primary builds, the pointer fallback, the atomic-dQ build.
     spilling = [
         f"{r['kernel']} {r['dtype']} D={r['head_dim']} {r['config']}"
         for r in rows
-        if r["default"] and r["variant"] != "atomic_dq" and (r["spill_store_bytes"] or r["spill_load_bytes"])
+        if r["default"] and (r["spill_store_bytes"] or r["spill_load_bytes"])
     ]
     assert not spilling, f"default configs spill on {arch}: {spilling}"
 
@@ -229,3 +228,21 @@ def test_autotuner_prunes_to_the_devices_configs(monkeypatch, capability, arch):
     monkeypatch.setenv("SEMANTICGEN_TRITON_AUTOTUNE", "0")
     (only,) = tuner.early_config_prune(tuner.configs, {"Q": _CudaTensorStub()}, BLOCK_D=128)
     assert _key(only) == expected[0].key()
+
+
+def test_autotuner_prunes_to_the_variants_configs(monkeypatch):
+    """The pointer forward and the atomic-dQ dK/dV kernel get their own configs (and autotune keys)."""
+    from semanticgen.kernels import swin_attention_bwd as bwd
+    from semanticgen.kernels import swin_attention_fwd as fwd
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cases = [
+        (fwd.swin_attn_fwd_kernel_tuned, fwd.FWD_CONFIGS, {"TMA": False}, "pointer"),
+        (bwd.swin_attn_bwd_dkdv_kernel_tuned, bwd.DKDV_CONFIGS, {"ATOMIC_DQ": True}, "atomic_dq"),
+    ]
+    for tuner, table, flags, variant in cases:
+        assert set(flags) <= set(tuner.keys)
+        expected = table.lookup("sm90", 128, variant=variant)[1]
+        assert expected != table.lookup("sm90", 128)[1]  # the variant really has its own entry
+        kept = tuner.early_config_prune(tuner.configs, {"Q": _CudaTensorStub()}, BLOCK_D=128, **flags)
+        assert sorted(_key(c) for c in kept) == sorted(c.key() for c in expected)

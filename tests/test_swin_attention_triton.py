@@ -214,7 +214,8 @@ def _worker(device_kind: str) -> dict:
                 blocks = _blocks(tb, q)
                 tiles = [tb.tile_table(layout, True, device, b) for b in blocks]
                 arch, dpad, fp32 = device_arch_class(q.device), padded_head_dim(dim), dtype == torch.float32
-                fwd_cfgs = tb.FWD_CONFIGS.lookup(arch, dpad, fp32=fp32, tma=tb._use_tma(k, v))[1]
+                variant = None if tb._use_tma(k, v) else "pointer"
+                fwd_cfgs = tb.FWD_CONFIGS.lookup(arch, dpad, fp32=fp32, variant=variant)[1]
                 dq_cfgs, dkdv_cfgs = (t.lookup(arch, dpad, fp32=fp32)[1] for t in (tb.DQ_CONFIGS, tb.DKDV_CONFIGS))
                 runs = [tb._launch_fwd(q, k, v, tiles[0], 0.125, blocks[0], bucket, forced=c) for c in fwd_cfgs]
                 if not all(torch.equal(a, b) for run in runs[1:] for a, b in zip(runs[0], run)):

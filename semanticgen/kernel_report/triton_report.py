@@ -330,7 +330,7 @@ def triton_kernel_reports(
             for head_dim in head_dims:
                 for variant, constexprs, primary in _variants(spec, cc, dtype):
                     tile, configs = spec.table.lookup(
-                        table_arch, padded_head_dim(head_dim), fp32=dtype == "fp32", tma=constexprs.get("TMA", True)
+                        table_arch, padded_head_dim(head_dim), fp32=dtype == "fp32", variant=variant or None
                     )
                     for bits in bits_list:
                         full = primary and bits == 32 and not defaults_only

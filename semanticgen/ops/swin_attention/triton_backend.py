@@ -441,9 +441,9 @@ def swin_attention_triton(
     block_d = padded_head_dim(head_dim)
     arch = device_arch_class(device)
     fp32 = q.dtype == torch.float32
-    fwd_block = FWD_CONFIGS.lookup(arch, block_d, fp32=fp32)[0]
+    fwd_block = FWD_CONFIGS.lookup(arch, block_d, fp32=fp32, variant=None if _use_tma(k, v) else "pointer")[0]
     dq_block = DQ_CONFIGS.lookup(arch, block_d, fp32=fp32)[0]
-    dkdv_block = DKDV_CONFIGS.lookup(arch, block_d, fp32=fp32)[0]
+    dkdv_block = DKDV_CONFIGS.lookup(arch, block_d, fp32=fp32, variant="atomic_dq" if atomic_dq else None)[0]
     out, _ = fwd_op(
         q,
         k,

@@ -389,6 +389,8 @@ def _dq_block(
     delta,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
     col_start,
     col_end,
     stride_kn,
@@ -402,16 +404,24 @@ def _dq_block(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """One key block of the dQ loop; ``MASKED`` drops columns at or past ``col_end``. Returns ``dq``."""
+    """One key block of the dQ loop; ``MASKED`` drops columns at or past ``col_end``. Returns ``dq``.
+
+    ``TMA``: full blocks load through the tensor descriptors (absolute row ``col_start``).
+    """
     offs_n = tl.arange(0, BLOCK_N)  # block-relative, on a 64-bit block base (see the forward)
     col_ok = col_start + offs_n < col_end
     k_base = k_base + tl.cast(col_start, tl.int64) * stride_kn
     v_base = v_base + tl.cast(col_start, tl.int64) * stride_vn
-    kt = load_rows(k_base, offs_n, col_ok, stride_kn, stride_kd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
-    vt = load_rows(v_base, offs_n, col_ok, stride_vn, stride_vd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
+    if TMA and not MASKED:
+        kt = tl.trans(k_desc.load([col_start, 0]))
+        vt = tl.trans(v_desc.load([col_start, 0]))
+    else:
+        kt = load_rows(k_base, offs_n, col_ok, stride_kn, stride_kd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
+        vt = load_rows(v_base, offs_n, col_ok, stride_vn, stride_vd, offs_d, HEAD_DIM, BLOCK_D, MASKED, True)
     s = dot_acc(q, kt, tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), PRECISION, UPCAST)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
@@ -430,6 +440,8 @@ def _dq_range(
     delta,
     k_base,
     v_base,
+    k_desc,
+    v_desc,
     lo,
     hi,
     stride_kn,
@@ -442,6 +454,7 @@ def _dq_range(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
     PEEL_TAIL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -453,20 +466,20 @@ def _dq_range(
     if not PEEL_TAIL:
         for col_start in tl.range(lo, hi, BLOCK_N):
             dq = _dq_block(
-                dq, q, do, lse2, delta, k_base, v_base, col_start, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, PRECISION, UPCAST,
+                dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, col_start, hi, stride_kn, stride_kd, stride_vn,
+                stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, False, PRECISION, UPCAST,
             )  # fmt: skip
     else:
         full_end = lo + (hi - lo) // BLOCK_N * BLOCK_N
         for col_start in tl.range(lo, full_end, BLOCK_N):
             dq = _dq_block(
-                dq, q, do, lse2, delta, k_base, v_base, col_start, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, PRECISION, UPCAST,
+                dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, col_start, hi, stride_kn, stride_kd, stride_vn,
+                stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, TMA, PRECISION, UPCAST,
             )  # fmt: skip
         if full_end < hi:
             dq = _dq_block(
-                dq, q, do, lse2, delta, k_base, v_base, full_end, hi, stride_kn, stride_kd, stride_vn, stride_vd,
-                qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, PRECISION, UPCAST,
+                dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, full_end, hi, stride_kn, stride_kd, stride_vn,
+                stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, TMA, PRECISION, UPCAST,
             )  # fmt: skip
     return dq
 
@@ -510,10 +523,14 @@ def swin_attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Program ``(query tile, b * H + h)``: dQ of ``BLOCK_M`` query rows of one window."""
+    """Program ``(query tile, b * H + h)``: dQ of ``BLOCK_M`` query rows of one window.
+
+    ``TMA``: full key/value blocks load through device-side tensor descriptors (as in the forward).
+    """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // num_heads).to(tl.int64)
@@ -535,13 +552,21 @@ def swin_attn_bwd_dq_kernel(
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, [num_tokens, HEAD_DIM], [stride_kn, 1], [BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, [num_tokens, HEAD_DIM], [stride_vn, 1], [BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
     dq = _dq_range(
-        dq, q, do, lse2, delta, k_base, v_base, start0, end0, stride_kn, stride_kd, stride_vn, stride_vd,
-        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
+        dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, start0, end0, stride_kn, stride_kd, stride_vn,
+        stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32,
+        PRECISION, UPCAST,
     )  # fmt: skip
     dq = _dq_range(
-        dq, q, do, lse2, delta, k_base, v_base, start1, end1, stride_kn, stride_kd, stride_vn, stride_vd,
-        qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
+        dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, start1, end1, stride_kn, stride_kd, stride_vn,
+        stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32,
+        PRECISION, UPCAST,
     )  # fmt: skip
     store_rows(
         DQ + b * stride_dqb + h * stride_dqh, tok_q, row_ok, stride_dqn, stride_dqd, offs_d,
@@ -553,6 +578,7 @@ def _select(table: ConfigTable):
     def select(named_args, kwargs):
         q = named_args["Q"]
         variant = "atomic_dq" if kwargs.get("ATOMIC_DQ", False) else None
+        variant = "pointer" if kwargs.get("TMA", True) is False else variant
         return table.lookup(
             device_arch_class(q.device), kwargs["BLOCK_D"], fp32=q.element_size() == 4, variant=variant
         )[1]
@@ -571,4 +597,4 @@ def _tuned(fn, table: ConfigTable, *variant_args: str):
 
 
 swin_attn_bwd_dkdv_kernel_tuned = _tuned(swin_attn_bwd_dkdv_kernel, DKDV_CONFIGS, "ATOMIC_DQ")
-swin_attn_bwd_dq_kernel_tuned = _tuned(swin_attn_bwd_dq_kernel, DQ_CONFIGS)
+swin_attn_bwd_dq_kernel_tuned = _tuned(swin_attn_bwd_dq_kernel, DQ_CONFIGS, "TMA")

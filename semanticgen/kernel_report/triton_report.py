@@ -264,11 +264,12 @@ def _variants(spec: KernelSpec, cc: int, dtype: str) -> list[tuple[str, dict[str
     """``(name, constexprs, primary)`` builds of a kernel for an arch and dtype.
 
     The primary build is what a launch with contiguous inputs runs; the others (the pointer fallback
-    of the TMA forward, the opt-in atomic-dQ backward) are reported for their default config only.
+    of the TMA forward and dQ kernels, the opt-in atomic-dQ backward) are reported for their default
+    config only.
     """
     from semanticgen.kernels._triton_utils import tma_available
 
-    if spec.name == "swin_attn_fwd":
+    if spec.name in ("swin_attn_fwd", "swin_attn_bwd_dq"):
         if cc // 10 == 9 and dtype != "fp32" and tma_available():
             return [("tma", {"TMA": True}, True), ("pointer", {"TMA": False}, False)]
         return [("pointer", {"TMA": False}, True)]
@@ -300,7 +301,7 @@ def triton_kernel_reports(
     Returns:
         One dict per (kernel, dtype, head dim, config, variant, index bits): ``kernel``, ``config`` (str:
         tile, blocks, warps, stages, variant, ``i64``, ``(default)`` marked), ``default`` (bool: the config
-        used without autotuning), ``variant`` (``"tma"``/``"pointer"`` forward, ``"deterministic"`` /
+        used without autotuning), ``variant`` (``"tma"``/``"pointer"`` forward and dQ, ``"deterministic"`` /
         ``"atomic_dq"`` dK/dV, ``""`` otherwise), ``primary`` (bool: the variant contiguous inputs run),
         ``index_bits``, ``arch``, ``dtype``, ``head_dim``, ``num_warps``, ``num_stages``, ``registers``
         (per thread), ``spill_store_bytes``, ``spill_load_bytes``, ``shared_bytes`` (Triton's dynamic plus

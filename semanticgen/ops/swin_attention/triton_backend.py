@@ -19,9 +19,10 @@ Layers (kernels in ``semanticgen.kernels.swin_attention_fwd`` / ``swin_attention
 Tile tables are built once per layout, parity, device and tile size and cached in ``layout._cache``.
 
 TMA: on compute capability 9.x with bf16/fp16 inputs whose key/value strides allow it (contiguous head
-dim, 16-byte aligned strides and offset) the forward loads full key/value blocks through device-side
-tensor descriptors; ``SEMANTICGEN_TRITON_TMA=0`` forces the pointer path. Everywhere else (sm_80, fp32,
-odd strides, Triton without ``tl.make_tensor_descriptor``, the interpreter) the pointer path runs.
+dim, 16-byte aligned strides and offset) the forward and the dQ kernel load full key/value blocks
+through device-side tensor descriptors; ``SEMANTICGEN_TRITON_TMA=0`` forces the pointer path.
+Everywhere else (sm_80, fp32, odd strides, Triton without ``tl.make_tensor_descriptor``, the
+interpreter) the pointer path runs.
 Device-side descriptors need Triton's global scratch allocator, which lives in a ``ContextVar``: the
 launcher installs one (``ensure_tma_allocator``) in the launching thread unless the user set one. Code
 that launches the compiled forward from a thread where no eager launch ran (e.g. a compiled graph
@@ -290,6 +291,9 @@ def _launch_bwd(
     if atomic_dq:
         return dq_acc.to(q.dtype), dk, dv
     dq = torch.empty(shape, dtype=q.dtype, device=q.device)
+    tma = _use_tma(k, v)
+    if tma and not _INTERPRET:
+        ensure_tma_allocator()
     kernel, options = _kernel(swin_attn_bwd_dq_kernel_tuned, forced[1])
     kernel[(dq_tiles.shape[0], batch * heads)](
         q,
@@ -311,6 +315,7 @@ def _launch_bwd(
         scale,
         bucket,
         BLOCK_M=dq_block,
+        TMA=tma,
         **common,
         **options,
     )

@@ -8,6 +8,12 @@
 4. Stage 2: the :class:`~semanticgen.models.LatentGenerator` integrates VAE latents ``[B, C, T, H, W]`` with
    ``z_sem`` in context. Guidance in stage 2 is on the text only: both branches see the same ``z_sem``.
 5. The VAE decodes the latents to frames ``[B, F, 3, H, W]`` in ``[0, 1]``.
+
+Context parallel sampling (``context_parallel=ContextGroup``, e.g. under ``torchrun``, see
+``python -m semanticgen.generate``): every rank of the group runs stage 1 with the same seed, the augmented
+``z_sem`` is broadcast from the group's first rank (so the ranks agree bitwise even where kernels are not
+deterministic), and each stage-2 step runs the latent generator on this rank's windows only and gathers the
+velocity (:meth:`~semanticgen.models.LatentGenerator.forward_gathered`), so every rank takes the same Euler step.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from semanticgen.parallel import ContextGroup
 from semanticgen.rectified_flow import euler_sample, noise_augment
 
 __all__ = ["SemanticGenPipeline"]
@@ -64,6 +71,9 @@ class SemanticGenPipeline:
         noise_level: noise augmentation of ``z_sem`` before stage 2 (flow time in ``[0, 1]``).
         sem_shift, latent_shift: resolution shift of each stage's sampling time grid.
         negative_prompt: the unconditional prompt for guidance (``""``: what text dropout trains on).
+        context_parallel: a :class:`~semanticgen.parallel.ContextGroup` to split stage 2 over (the latent
+            generator must use ``attention="swin"`` and the clip have at least as many windows as ranks);
+            ``None``: one process.
 
     Both generators are put in eval mode. Example::
 
@@ -85,6 +95,7 @@ class SemanticGenPipeline:
         sem_shift: float = 1.0,
         latent_shift: float = 1.0,
         negative_prompt: str = "",
+        context_parallel: ContextGroup | None = None,
     ) -> None:
         self.semantic_generator = semantic_generator.eval()
         self.latent_generator = latent_generator.eval()
@@ -100,7 +111,15 @@ class SemanticGenPipeline:
         if not isinstance(negative_prompt, str):
             raise TypeError(f"SemanticGenPipeline: negative_prompt must be a str, got {type(negative_prompt).__name__}")
         self.negative_prompt = negative_prompt
+        if context_parallel is not None and not isinstance(context_parallel, ContextGroup):
+            raise TypeError(
+                f"SemanticGenPipeline: context_parallel must be a ContextGroup or None, got "
+                f"{type(context_parallel).__name__}"
+            )
+        self.cp = context_parallel if context_parallel is not None and context_parallel.size > 1 else None
         self._check_compatible()
+        if self.cp is not None:
+            self._check_context_parallel()
 
     # ------------------------------------------------------------------------------------------- checks
     def _check_compatible(self) -> None:
@@ -131,6 +150,21 @@ class SemanticGenPipeline:
             problems.append(f"latent_shape C {self.latent_shape[0]} != VAE latent_channels {vae_channels}")
         if problems:
             raise ValueError("SemanticGenPipeline: incompatible parts: " + "; ".join(problems))
+
+    def _check_context_parallel(self) -> None:
+        """Refuse, before sampling, a latent generator or clip that cannot be split over ``self.cp``."""
+        from semanticgen.parallel import ContextPlan
+
+        lat_cfg = getattr(self.latent_generator, "config", None)
+        if getattr(lat_cfg, "attention", None) != "swin" or not hasattr(self.latent_generator, "forward_gathered"):
+            raise ValueError(
+                "SemanticGenPipeline: context parallelism needs a LatentGenerator with attention='swin', got "
+                f"attention={getattr(lat_cfg, 'attention', None)!r}"
+            )
+        _, t_len, h, w = self.latent_shape
+        pt, ph, pw = lat_cfg.patch
+        layout = self.latent_generator.window_layout(t_len // pt, (h // ph) * (w // pw), *self.sem_shape[:2])
+        ContextPlan.build(layout, self.cp.size)  # raises naming the windows and ranks
 
     @property
     def device(self) -> torch.device:
@@ -190,8 +224,15 @@ class SemanticGenPipeline:
     ) -> torch.Tensor:
         """Stage 2: latents ``[B, C, T, H, W]`` float32 conditioned on (already noise-augmented) ``z_sem``."""
         z_sem_in = z_sem.to(self.device, _param_dtype(self.latent_generator))
+        model = self.latent_generator
+        if self.cp is not None:
+            cp, generator_model = self.cp, self.latent_generator
+
+            def model(x, t, text, text_mask, z):  # each rank its windows; every rank gets the whole velocity
+                return generator_model.forward_gathered(x, t, text, text_mask, z, cp)
+
         return self._sample(
-            self.latent_generator,
+            model,
             (z_sem_in,),
             cond,
             uncond,
@@ -222,7 +263,7 @@ class SemanticGenPipeline:
         Flow times stay float32 (the models cast after the timestep embedding); ``on_step`` is called
         once per step, on the conditional branch.
         """
-        dtype = _param_dtype(model)
+        dtype = _param_dtype(model) if isinstance(model, nn.Module) else _param_dtype(self.latent_generator)
 
         def velocity(text: tuple[torch.Tensor, torch.Tensor]):
             def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -254,6 +295,7 @@ class SemanticGenPipeline:
         seed: int = 0,
         progress: bool = True,
         return_intermediates: bool = False,
+        decode: bool = True,
     ):
         """Generate one video per prompt.
 
@@ -265,6 +307,8 @@ class SemanticGenPipeline:
                 same seed on the same device and software gives the same video.
             progress: show a progress bar over the denoising steps of both stages.
             return_intermediates: also return ``z_sem``, the augmented ``z_sem`` and the latents.
+            decode: ``False`` skips the VAE (``frames`` is then ``None``): the other ranks of a context-parallel
+                run, where only one rank writes the video.
 
         Returns:
             ``frames float32 [B, F, 3, H, W]`` in ``[0, 1]``; with ``return_intermediates``,
@@ -301,6 +345,11 @@ class SemanticGenPipeline:
                 on_step=lambda: bar.update(1),
             )
             z_aug = noise_augment(z_sem, self.noise_level, generator=generator)
+            if self.cp is not None:
+                import torch.distributed as dist
+
+                src = dist.get_global_rank(self.cp.group, 0) if self.cp.group is not None else 0
+                dist.broadcast(z_aug, src=src, group=self.cp.group)
             bar.set_description("stage 2 (latents)")
             latents = self.sample_latents(
                 cond,
@@ -313,7 +362,7 @@ class SemanticGenPipeline:
             )
         finally:
             bar.close()
-        frames = self.vae.decode(latents).float().clamp(0.0, 1.0)
+        frames = self.vae.decode(latents).float().clamp(0.0, 1.0) if decode else None
         if return_intermediates:
             return frames, {"z_sem": z_sem, "z_sem_augmented": z_aug, "latents": latents}
         return frames

@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _train(args)
     except UsageError as e:
-        # Configuration and run-directory mistakes: one line naming the problem, not a traceback from every rank.
-        print(f"semanticgen.train: error: {e}", file=sys.stderr)
+        # Configuration, launch and run-directory mistakes: one line naming the problem, not a traceback from every
+        # rank. They are the same on every rank (config, data shapes, world size), so rank 0 alone says it.
+        if rank == 0:
+            print(f"semanticgen.train: error: {e}", file=sys.stderr)
         return 2
 
 

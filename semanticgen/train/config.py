@@ -91,9 +91,15 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    """FSDP2 settings. ``mixed_precision``: ``"auto"`` is bf16 params / fp32 reduce on CUDA and fp32 on CPU."""
+    """FSDP2 settings. ``mixed_precision``: ``"auto"`` is bf16 params / fp32 reduce on CUDA and fp32 on CPU.
+
+    ``context_parallel = C``: the world forms a ``(dp, cp) = (world / C, C)`` mesh. FSDP2 shards parameters over
+    all ``dp x cp`` ranks; in the latent stage the ``C`` ranks of a ``cp`` group share one clip, split by whole
+    windows (``attention = "swin"`` only). The semantic stage stays data parallel over the whole world.
+    """
 
     mixed_precision: str = "auto"  # "auto" | "bf16" | "fp32"
+    context_parallel: int = 1  # ranks sharing one clip in the latent stage; must divide the world size
     reshard_after_forward: bool = True
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block
@@ -141,6 +147,21 @@ class TrainConfig:
             raise ValueError(
                 f"parallel.mixed_precision must be 'auto', 'bf16' or 'fp32', got {self.parallel.mixed_precision!r}"
             )
+        if self.parallel.context_parallel < 1:
+            raise ValueError(f"parallel.context_parallel must be >= 1, got {self.parallel.context_parallel}")
+        if self.parallel.context_parallel > 1:
+            attention = self.model.get("latent_generator", {}).get("attention", "full")
+            if attention != "swin":
+                raise ValueError(
+                    f"parallel.context_parallel = {self.parallel.context_parallel} needs "
+                    f"model.latent_generator.attention = 'swin' (windows split the clip over ranks), got {attention!r}"
+                )
+            if "latent" not in self.stage_list():
+                raise ValueError(
+                    f"parallel.context_parallel = {self.parallel.context_parallel} applies to the latent stage only; "
+                    f"stage = {self.stage!r} trains the semantic stage, which is data parallel over the whole world: "
+                    "set context_parallel = 1"
+                )
         for name in ("latent", "semantic"):
             stage: StageConfig = getattr(self, name)
             if stage.steps < 0:

@@ -20,23 +20,46 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the run.
+
+    ``mesh``: the mesh FSDP2 shards parameters over (all ranks: ``dp x cp`` flattened). ``dp_rank``/``dp_size``:
+    which clip stream this rank reads (the ``C`` ranks of a context-parallel group read the same clips).
+    ``cp_rank``/``cp_size``/``cp_group``: the context-parallel group (size 1 and no group without CP).
+    """
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
     mesh: DeviceMesh
+    dp_rank: int = 0
+    dp_size: int = 1
+    cp_rank: int = 0
+    cp_size: int = 1
+    cp_group: object = None
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join (or create) the default process group and a 1-D data-parallel device mesh over all ranks.
+def init_distributed(context_parallel: int = 1) -> DistInfo:
+    """Join (or create) the default process group and the ``(dp, cp)`` device mesh over all ranks.
 
     Under ``torchrun`` the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...) says where to
     connect; without it a single-rank group is made in-process so the same FSDP code path runs.
+
+    With ``context_parallel = C`` the world forms a ``(world / C, C)`` mesh named ``("dp", "cp")``, consecutive
+    ranks sharing a ``cp`` group (on one node, where the halo exchange is cheapest). FSDP2 shards over both dims
+    flattened (``"dp_cp"``, as torchtitan's ``dp_shard_cp``), so gradients are averaged over every rank.
+
+    Raises:
+        UsageError: ``context_parallel`` does not divide the world size.
     """
+    from .config import UsageError
+
+    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+        raise UsageError(f"parallel.context_parallel must be a positive int, got {context_parallel!r}")
     use_cuda = torch.cuda.is_available()
     if not dist.is_initialized():
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -53,8 +76,30 @@ def init_distributed() -> DistInfo:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, mesh=mesh)
+    if world_size % context_parallel:
+        raise UsageError(
+            f"parallel.context_parallel = {context_parallel} must divide the world size {world_size} "
+            f"(launch a multiple of {context_parallel} processes)"
+        )
+    if context_parallel == 1:
+        mesh = init_device_mesh(device.type, (world_size,), mesh_dim_names=("dp",))
+        return DistInfo(rank, world_size, local_rank, device, mesh, dp_rank=rank, dp_size=world_size)
+    mesh_2d = init_device_mesh(
+        device.type, (world_size // context_parallel, context_parallel), mesh_dim_names=("dp", "cp")
+    )
+    cp_mesh = mesh_2d["cp"]
+    return DistInfo(
+        rank,
+        world_size,
+        local_rank,
+        device,
+        mesh_2d["dp", "cp"]._flatten("dp_cp"),
+        dp_rank=mesh_2d["dp"].get_local_rank(),
+        dp_size=world_size // context_parallel,
+        cp_rank=cp_mesh.get_local_rank(),
+        cp_size=context_parallel,
+        cp_group=cp_mesh.get_group(),
+    )
 
 
 def shutdown_distributed() -> None:

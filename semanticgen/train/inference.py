@@ -51,7 +51,11 @@ def load_run_models(run_dir: str | Path) -> tuple[dict[str, nn.Module], dict[str
 
 
 def build_pipeline_from_run(
-    run_dir: str | Path, *, device: torch.device | str | None = None, noise_level: float | None = None
+    run_dir: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    noise_level: float | None = None,
+    context_parallel=None,
 ):
     """A :class:`~semanticgen.pipeline.SemanticGenPipeline` from a run directory (or its ``model.safetensors``).
 
@@ -88,6 +92,7 @@ def build_pipeline_from_run(
         sem_shape=tuple(shapes["semantic"]),
         latent_shape=tuple(shapes["latents"]),
         noise_level=noise_level,
+        context_parallel=context_parallel,
     )
 
 

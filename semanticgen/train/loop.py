@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
+from semanticgen.ops import WindowLayout
+from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
 
 from .checkpoint import (
     CheckpointInfo,
@@ -41,8 +43,8 @@ from .export import (
 )
 from .metrics import MetricsWriter, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
-from .sharding import set_gradient_sync, shard_model
-from .stages import DataWidths, build_models, build_stage
+from .sharding import init_units, load_full_state, materialize, set_gradient_sync, shard_model
+from .stages import DataWidths, build_models, build_stage, model_configs_from_tables
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ def _load_compressor_from_latent_stage(ctx: RunContext, compressor: nn.Module) -
         )
     tensors, _ = read_export(path)
     sd = {k[len("compressor.") :]: v for k, v in tensors.items() if k.startswith("compressor.")}
-    compressor.load_state_dict(sd)
+    load_full_state(compressor, sd)  # each rank keeps its shard
     return str(path)
 
 
@@ -128,13 +130,22 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
     """Train one stage from ``resume`` (a checkpoint of this stage) or from scratch; True if it reached its end."""
     cfg, info = ctx.cfg, ctx.info
     stage_cfg = getattr(cfg, span.name)
-    # Same seed on every rank: each rank keeps its shard of one common initialisation (as 1 rank would).
-    torch.manual_seed(cfg.seed)
-    models = build_models(cfg.model, ctx.widths)
-    if span.name == "semantic":
-        _load_compressor_from_latent_stage(ctx, models["compressor"])
+    # On the meta device, sharded, then each rank materialises its own shards of one common initialisation (seeded
+    # per block, so it does not depend on the number of ranks); no rank ever holds the whole model.
+    with torch.device("meta"):
+        models = build_models(cfg.model, ctx.widths)
+    units = init_units(models)
     stage = build_stage(span.name, models, stage_cfg, cfg.seed, ctx.null_text)
     shard_model(stage, info.mesh, cfg.parallel, info.device)
+    materialize(stage, units, info.device, cfg.seed)
+    del units
+    if span.name == "semantic":
+        _load_compressor_from_latent_stage(ctx, stage.compressor)
+    # Context parallelism is for the latent stage; the semantic stage is data parallel over the whole world.
+    cp_size = info.cp_size if span.name == "latent" else 1
+    if cp_size > 1:
+        stage.cp = ContextGroup(info.cp_rank, info.cp_size, info.cp_group)
+    data_rank, data_world = (info.dp_rank, info.dp_size) if cp_size > 1 else (info.rank, info.world_size)
     torch.manual_seed(cfg.seed * 1000 + info.rank + 1)  # per-rank stream for anything a model draws itself
     params = [p for p in stage.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, stage_cfg.optim)
@@ -154,8 +165,8 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
         ctx.dataset,
         seed=cfg.seed + 17 * (span.name == "semantic"),
         micro_batch_size=cfg.data.micro_batch_size,
-        rank=info.rank,
-        world_size=info.world_size,
+        rank=data_rank,
+        world_size=data_world,
         position=counters["data_position"],
         num_workers=cfg.data.num_workers,
     )
@@ -169,6 +180,7 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
     skipped_total = 0
     while step < end:
         t0 = time.perf_counter()
+        COMM_COUNTER.reset()
         # Device tensors, read once per step: no host sync between micro-batches.
         sums: dict[str, torch.Tensor] = {}
         tokens = 0.0
@@ -194,9 +206,14 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
         step += 1
         counters["step"], counters["data_position"] = step, stream.position
         elapsed = time.perf_counter() - t0
-        means = all_reduce_mean({**sums, "tokens": tokens, "skipped": float(skipped_total)}, info.device)
+        per_rank = {**sums, "tokens": tokens, "skipped": float(skipped_total)}
+        if cp_size > 1:
+            # Halo bytes this rank sent this step (forward and backward): the mean over ranks is logged.
+            per_rank["cp_bytes_sent"] = float(COMM_COUNTER.bytes_sent)
+        means = all_reduce_mean(per_rank, info.device)
         world_tokens = means.pop("tokens") * info.world_size
-        skipped_videos = int(round(means.pop("skipped") * info.world_size))
+        # The C ranks of a CP group read the same clips: count each skipped video once.
+        skipped_videos = int(round(means.pop("skipped") * info.world_size / cp_size))
         record = {
             "step": step,
             "stage": span.name,
@@ -205,7 +222,7 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
             "lr": lr,
             "grad_norm": grad_norm,
             "tokens_per_s": world_tokens / elapsed,
-            "samples_per_s": cfg.data.micro_batch_size * accum * info.world_size / elapsed,
+            "samples_per_s": cfg.data.micro_batch_size * accum * data_world / elapsed,
             "step_time_s": elapsed,
             "peak_memory_mb": peak_memory_mb(info.device),
         }
@@ -253,16 +270,54 @@ def _check_shard_encoders(used: dict, configured: dict) -> None:
                 )
 
 
+def check_context_parallel(cfg: TrainConfig, widths: DataWidths, latent_frames: int) -> None:
+    """Refuse (``UsageError``, naming the numbers) a latent stage whose clips have fewer unshifted windows than
+    ``parallel.context_parallel`` ranks. Only the time axis decides the windows, so no model is built."""
+    size = cfg.parallel.context_parallel
+    if size == 1 or "latent" not in cfg.stage_list():
+        return
+    lat = model_configs_from_tables(cfg.model, widths)["latent_generator"]
+    pt = lat.patch[0]
+    if latent_frames % pt:
+        raise UsageError(f"the clips' {latent_frames} latent frames are not divisible by the temporal patch {pt}")
+    layout = WindowLayout(latent_frames // pt, 1, 0, 0, lat.window // pt, order="blocked")
+    try:
+        ContextPlan.build(layout, size)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+
+
 def train(
     cfg: TrainConfig, *, run_dir: str | Path, stop_step: int | None = None, resume: str | bool | None = None
 ) -> int:
-    """Run the configured stages. ``resume``: ``True`` for the newest checkpoint in ``run_dir``, a path, or None."""
-    info = init_distributed()
+    """Run the configured stages. ``resume``: ``True`` for the newest checkpoint in ``run_dir``, a path, or None.
+
+    Every check of the config, the data and the launch (context parallelism included) happens before anything is
+    written to ``run_dir``.
+    """
+    # Data first (on the CPU), so a clip too short for the context-parallel split is refused before the launch
+    # shape is checked and before anything is written.
+    encoders = None
+    dataset = build_dataset(cfg.data, seed=cfg.seed)
+    if isinstance(dataset, ShardDataset):
+        widths = DataWidths.from_shapes(dataset.shapes)
+        _check_shard_encoders(dataset.encoders, cfg.encoders)
+        null = dataset.null_text()
+        if null is None:
+            raise FileNotFoundError(f"{dataset.root}: null_text.safetensors missing; re-run preencode")
+        latent_frames = int(dataset.shapes["latents"][1])
+    else:
+        encoders = Encoders.from_specs(cfg.encoders)
+        widths = DataWidths.from_encoders(encoders)
+        null = encoders.null_text(torch.device("cpu"))
+        latent_frames = encoders.vae.latent_frames(cfg.data.vae_frames)
+    check_context_parallel(cfg, widths, latent_frames)
+
+    info = init_distributed(cfg.parallel.context_parallel)
+    if encoders is not None:
+        encoders = encoders.to(info.device)
+    null = (null[0].to(info.device), null[1].to(info.device))
     run_dir = Path(run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    barrier()
     spans = stage_spans(cfg, run_dir)
     total = spans[-1].end
     stop = total if stop_step is None else min(stop_step, total)
@@ -286,20 +341,10 @@ def train(
                 f"{run_dir} already holds checkpoints up to step {max(later)}: pass --resume to continue that run, "
                 "or use a new --run-dir"
             )
-
-    encoders = None
-    dataset = build_dataset(cfg.data, seed=cfg.seed)
-    if isinstance(dataset, ShardDataset):
-        widths = DataWidths.from_shapes(dataset.shapes)
-        _check_shard_encoders(dataset.encoders, cfg.encoders)
-        null = dataset.null_text()
-        if null is None:
-            raise FileNotFoundError(f"{dataset.root}: null_text.safetensors missing; re-run preencode")
-    else:
-        encoders = Encoders.from_specs(cfg.encoders).to(info.device)
-        widths = DataWidths.from_encoders(encoders)
-        null = encoders.null_text(torch.device("cpu"))
-    null = (null[0].to(info.device), null[1].to(info.device))
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    barrier()
 
     keep_until = resume_info.step if resume_info else spans[0].begin
     metrics = MetricsWriter(run_dir / "metrics.jsonl", info.is_main, resume_step=keep_until)

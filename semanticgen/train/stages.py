@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator
+from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator, patchify
+from semanticgen.parallel import ContextGroup
 from semanticgen.rectified_flow import flow_matching_loss, flow_noising, sample_timesteps
 
 from .config import StageConfig
@@ -96,9 +97,9 @@ class DataWidths:
         return cls(shapes["sem_features"][-1], shapes["latents"][0], shapes["text"][-1])
 
 
-def build_models(model_tables: dict[str, dict[str, Any]], widths: DataWidths) -> dict[str, nn.Module]:
-    """All three models, widths tied to the data: compressor.in_dim = semantic-encoder width, the generators'
-    dim/sem_dim = compressor.dim, text_dim = text-encoder width, in_channels = VAE latent channels."""
+def model_configs_from_tables(model_tables: dict[str, dict[str, Any]], widths: DataWidths) -> dict[str, Any]:
+    """The three models' ``Config`` objects, widths tied to the data: compressor.in_dim = semantic-encoder width,
+    the generators' dim/sem_dim = compressor.dim, text_dim = text-encoder width, in_channels = VAE latent channels."""
     comp_cfg = build_model_config(
         SemanticCompressor, model_tables.get("compressor", {}), {"in_dim": widths.sem_features}, "compressor"
     )
@@ -114,6 +115,14 @@ def build_models(model_tables: dict[str, dict[str, Any]], widths: DataWidths) ->
         {"in_channels": widths.latent_channels, "sem_dim": comp_cfg.dim, "text_dim": widths.text},
         "latent_generator",
     )
+    return {"compressor": comp_cfg, "semantic_generator": sem_cfg, "latent_generator": lat_cfg}
+
+
+def build_models(model_tables: dict[str, dict[str, Any]], widths: DataWidths) -> dict[str, nn.Module]:
+    """All three models (see :func:`model_configs_from_tables`), on the current default device (``meta`` inside
+    ``with torch.device("meta")``: no storage, see :func:`~semanticgen.train.sharding.materialize`)."""
+    configs = model_configs_from_tables(model_tables, widths)
+    comp_cfg, sem_cfg, lat_cfg = configs["compressor"], configs["semantic_generator"], configs["latent_generator"]
     return {
         "compressor": SemanticCompressor(comp_cfg),
         "semantic_generator": SemanticGenerator(sem_cfg),
@@ -164,6 +173,15 @@ class LatentStage(_Stage):
     ``loss = flow_matching(latent_generator(z_t, t, text, z_sem), latents) + kl_weight * KL(compressor)`` with
     ``z_sem`` a reparameterised sample of the compressor, noise-augmented to a per-sample level in
     ``[0, sem_noise_level]`` so the generator learns to work from the noisy generated tokens it gets at inference.
+
+    **Context parallel** (``self.cp``, a :class:`~semanticgen.parallel.ContextGroup` of size ``C > 1``): every rank
+    of the CP group gets the same clips and computes the compressor, noise and conditioning of the whole clip, but
+    the generator runs only on this rank's windows (:meth:`LatentGenerator.forward_context_parallel`). With
+    ``fm_r`` this rank's squared error summed over its tokens divided by the number of elements of the whole batch
+    (so ``sum_r fm_r`` is the clip's flow loss), each rank back-propagates ``C * fm_r + kl_weight * KL``. FSDP
+    averages gradients over all ``D * C`` ranks, so the update is ``(1 / D) sum_groups d(fm + kl_weight * KL)``:
+    the flow term summed over the group's ranks, and the KL (identical on every CP rank) counted once per group,
+    not ``C`` times. The mean over the world of the returned loss is the global loss as well.
     """
 
     name = "latent"
@@ -171,6 +189,7 @@ class LatentStage(_Stage):
     def __init__(self, latent_generator, compressor, cfg: StageConfig, seed: int, null_text) -> None:
         super().__init__(cfg, seed, null_text)
         self.latent_generator, self.compressor = latent_generator, compressor
+        self.cp: ContextGroup | None = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["sample_id"]
@@ -189,14 +208,24 @@ class LatentStage(_Stage):
         text, mask = self._text(batch, ids)
         eps, t = self._noise_and_time(x0, ids)
         x_t, _ = flow_noising(x0, eps, t)
-        v = self.latent_generator(x_t, t, text, mask, z_sem)
-        fm = flow_matching_loss(v.float(), x0, eps)  # loss in fp32 whatever the parameter dtype
+        cp_size = 1 if self.cp is None else self.cp.size
+        if cp_size > 1:
+            v_local, index = self.latent_generator.forward_context_parallel(x_t, t, text, mask, z_sem, self.cp)
+            # The flow-matching target eps - x0 of this rank's VAE tokens, patchified as the velocity is.
+            goal = patchify(eps - x0, self.latent_generator.patch).index_select(1, index)
+            # Times C: FSDP averages over the C ranks of the group too (see the class docstring).
+            fm = (v_local.float() - goal.float()).square().sum() * (cp_size / x0.numel())
+        else:
+            v = self.latent_generator(x_t, t, text, mask, z_sem)
+            fm = flow_matching_loss(v.float(), x0, eps)  # loss in fp32 whatever the parameter dtype
         kl = comp.kl.float()
         loss = fm + self.cfg.kl_weight * kl
         pt, ph, pw = self.latent_generator.config.patch
         c, tv, hv, wv = x0.shape[1:]
         tokens = x0.shape[0] * ((tv // pt) * (hv // ph) * (wv // pw) + z_sem.shape[1] * z_sem.shape[2])
-        return loss, {"flow_loss": fm.detach(), "kl": kl.detach(), "tokens": torch.tensor(float(tokens))}
+        # Each CP rank counts its share, so the loop's sum over ranks counts each clip once.
+        tokens = torch.tensor(float(tokens) / cp_size)
+        return loss, {"flow_loss": fm.detach(), "kl": kl.detach(), "tokens": tokens}
 
 
 class SemanticStage(_Stage):

@@ -31,6 +31,7 @@ SUITES: dict[str, str] = {
     "attention-gpu": "swin_attention_gpu",
     "flow": "flow_ops",
     "block": "dit_block",
+    "cp": "context_parallel",  # CPU/gloo, 2 processes: context parallelism CP 1 vs CP 2
 }
 
 

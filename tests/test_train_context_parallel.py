@@ -7,6 +7,7 @@ clip would change the gradient norm well beyond the tolerance (at the config's 1
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from _train_helpers import REPO, child_env, metrics, run_train, torchrun_cmd
 from semanticgen.ops import WindowLayout
 from semanticgen.parallel import ContextPlan
 from semanticgen.train.export import read_export
+from semanticgen.train.stages import DataWidths
 
 pytestmark = [pytest.mark.distributed]
 
@@ -129,7 +131,7 @@ def test_resume_from_cp2_checkpoint(runs, tmp_path, resume_nproc):
 
 # ------------------------------------------------------------------------------------------- bad input
 BAD = {
-    "not dividing the world": (["--set=parallel.context_parallel=2"], "must divide the world size 1"),
+    "not dividing the world": (["--context-parallel=3"], "parallel.context_parallel = 3 must divide the world size 1"),
     "too few windows": (
         ["--set=data.vae_frames=5", "--set=parallel.context_parallel=2"],
         "needs at least 2 unshifted windows per clip; this clip has 1 (2 latent frames, window 2)",
@@ -166,3 +168,45 @@ def test_too_few_windows_under_torchrun_is_one_line(tmp_path):
     assert len(ours) == 1 and "needs at least 2 unshifted windows" in ours[0], proc.stderr[-3000:]
     assert "exitcode: 2" in proc.stderr or "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
     assert not run_dir.exists()
+
+
+# ------------------------------------------------------------------------------------ meta-device build
+def test_meta_build_materialises_each_unit_from_its_own_seed():
+    """Models built on the meta device get, per init unit, exactly what ``init_weights`` gives from the unit's
+    seed (so the values cannot depend on how parameters are sharded); special inits (zeroed output layers) hold,
+    blocks differ from each other, and a stage's buffers (the empty-prompt embedding) survive ``to_empty``."""
+    from semanticgen.models import DiTBlock, init_weights
+    from semanticgen.train.config import load_config
+    from semanticgen.train.sharding import init_units, materialize, unit_seed
+    from semanticgen.train.stages import build_models, build_stage
+
+    cfg = load_config(LONG)
+    widths = DataWidths(sem_features=32, latent_channels=4, text=32)
+    with torch.device("meta"):
+        models = build_models(cfg.model, widths)
+    with pytest.raises(ValueError, match="meta device"):
+        init_units(build_models(cfg.model, widths))
+    units = init_units(models)
+    assert [u.name for u in units][:5] == [
+        "compressor",
+        "semantic_generator.blocks.0",
+        "semantic_generator.blocks.1",
+        "semantic_generator",
+        "latent_generator.blocks.0",
+    ]
+    null = (torch.randn(12, 32), torch.ones(12, dtype=torch.bool))
+    stage = build_stage("latent", models, cfg.latent, 0, null)
+    materialize(stage, units, torch.device("cpu"), seed=7)
+    assert not any(p.is_meta for p in stage.parameters())
+    torch.testing.assert_close(stage.null_text, null[0], rtol=0, atol=0)
+    lat = stage.latent_generator
+    block = lat.blocks[2]
+    expected = DiTBlock(dataclasses.replace(block.config))
+    with torch.random.fork_rng():
+        torch.manual_seed(unit_seed(7, "latent_generator.blocks.2"))
+        init_weights(expected)
+    for (name, got), (_, want) in zip(block.named_parameters(), expected.named_parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert not block.modulation.any() and not lat.final.linear.weight.any()
+    assert not torch.equal(lat.blocks[0].attn.qkv.weight, lat.blocks[1].attn.qkv.weight)
+    assert lat.x_embed.weight.std() > 0

@@ -4,6 +4,7 @@ Usage::
 
     python -m semanticgen.train CONFIG [--run-dir DIR] [--steps N] [--save-every N] [--resume [PATH]] [--set k=v ...]
     torchrun --standalone --nproc_per_node=2 -m semanticgen.train configs/tiny.toml --run-dir runs/tiny
+    torchrun --standalone --nproc_per_node=4 -m semanticgen.train configs/tiny_long.toml --context-parallel 2
     python -m semanticgen.train export RUN_DIR [--out FILE]          # consolidated safetensors for inference
     python -m semanticgen.train preencode CONFIG --out DIR [...]     # cache encoder outputs as shards
 
@@ -37,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="PATH",
         help="resume from the newest complete checkpoint of the run dir, or from PATH",
+    )
+    p.add_argument(
+        "--context-parallel",
+        dest="context_parallel",
+        type=int,
+        default=None,
+        metavar="C",
+        help="ranks sharing one clip in the latent stage (parallel.context_parallel; must divide the world size)",
     )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (TOML value)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -82,6 +91,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"checkpoint.save_every={args.save_every}")
     if args.no_progress:
         overrides.append("log.progress=false")
+    if args.context_parallel is not None:
+        overrides.append(f"parallel.context_parallel={args.context_parallel}")
     try:
         cfg = load_config(args.config, overrides)
     except (ValueError, FileNotFoundError) as e:

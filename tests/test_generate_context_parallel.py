@@ -97,3 +97,27 @@ def test_cp_sampling_refuses_full_attention(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "semanticgen generate: error:" in line]
     assert len(lines) == 1 and "attention='swin'" in lines[0], proc.stderr[-3000:]
     assert not out.exists()
+
+
+def test_pipeline_refuses_what_it_cannot_split():
+    """Checked at construction, before any sampling (no process group needed): a ContextGroup of 2 with a
+    full-attention latent generator, or with a clip of one window, is refused naming the reason."""
+    from semanticgen.encoders import HashTextEncoder, PixelVAE
+    from semanticgen.models import LatentGenerator, SemanticGenerator
+    from semanticgen.parallel import ContextGroup
+    from semanticgen.pipeline import SemanticGenPipeline
+
+    sem = SemanticGenerator(SemanticGenerator.Config.tiny())
+    parts = (HashTextEncoder(dim=16, max_len=8), PixelVAE(temporal_factor=4, spatial_factor=4))
+    shapes = {"sem_shape": (2, 4, 4), "latent_shape": (4, 4, 4, 4)}  # 4 latent frames: windows of 2 frames
+    full = LatentGenerator(LatentGenerator.Config.tiny())
+    cp = ContextGroup(0, 2)
+    with pytest.raises(ValueError, match="attention='swin'"):
+        SemanticGenPipeline(sem, full, *parts, **shapes, context_parallel=cp)
+    swin = LatentGenerator(dataclasses.replace(LatentGenerator.Config.tiny(), attention="swin", window=2))
+    SemanticGenPipeline(sem, swin, *parts, **shapes, context_parallel=cp)  # 2 windows for 2 ranks: fine
+    with pytest.raises(ValueError, match="at least 3 unshifted windows per clip; this clip has 2"):
+        SemanticGenPipeline(sem, swin, *parts, **shapes, context_parallel=ContextGroup(0, 3))
+    with pytest.raises(TypeError, match="ContextGroup"):
+        SemanticGenPipeline(sem, swin, *parts, **shapes, context_parallel=2)
+    assert SemanticGenPipeline(sem, full, *parts, **shapes, context_parallel=ContextGroup(0, 1)).cp is None

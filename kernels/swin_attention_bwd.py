@@ -251,7 +251,7 @@ def _dkdv_range(
 ):
     """Queries ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail.
 
-    ``PEEL_TAIL=False`` (fp32) masks every block of one loop instead, as in the forward's ``_fwd_range``.
+    ``PEEL_TAIL=False`` (sm_80, fp32) masks every block of one loop instead, as in the forward's ``_fwd_range``.
     """
     if not PEEL_TAIL:
         for row_start in tl.range(lo, hi, BLOCK_M):
@@ -327,6 +327,7 @@ def swin_attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -362,12 +363,12 @@ def swin_attn_bwd_dkdv_kernel(
     dk, dv = _dkdv_range(
         dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, start0, end0,
         stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, PEEL_TAIL, PRECISION, UPCAST,
     )  # fmt: skip
     dk, dv = _dkdv_range(
         dk, dv, k, v, key_ok, q_base, do_base, lse_base, delta_base, dq_base, start1, end1,
         stride_qn, stride_qd, stride_don, stride_dod, stride_dqn, stride_dqd, qk_scale, sm_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, ATOMIC_DQ, PEEL_TAIL, PRECISION, UPCAST,
     )  # fmt: skip
 
     store_rows(
@@ -461,7 +462,7 @@ def _dq_range(
 ):
     """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail.
 
-    ``PEEL_TAIL=False`` (fp32) masks every block of one loop instead, as in the forward's ``_fwd_range``.
+    ``PEEL_TAIL=False`` (sm_80, fp32) masks every block of one loop instead, as in the forward's ``_fwd_range``.
     """
     if not PEEL_TAIL:
         for col_start in tl.range(lo, hi, BLOCK_N):
@@ -524,6 +525,7 @@ def swin_attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -560,12 +562,12 @@ def swin_attn_bwd_dq_kernel(
         v_desc = v_base
     dq = _dq_range(
         dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, start0, end0, stride_kn, stride_kd, stride_vn,
-        stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32,
+        stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PEEL_TAIL,
         PRECISION, UPCAST,
     )  # fmt: skip
     dq = _dq_range(
         dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, start1, end1, stride_kn, stride_kd, stride_vn,
-        stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32,
+        stride_vd, qk_scale, offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PEEL_TAIL,
         PRECISION, UPCAST,
     )  # fmt: skip
     store_rows(

@@ -9,13 +9,14 @@ one range in ``"blocked"`` order), so nothing is read through a per-token index 
 * the key/value loop runs over range 0 and then range 1, each an affine run of rows
   (``base + arange``) whose addresses depend on no load, so Triton's software pipeline can prefetch
   ``num_stages - 1`` blocks ahead. Full blocks load without masks; only the one ragged tail block of a
-  range masks its columns;
+  range masks its columns (``PEEL_TAIL``; sm_80 and fp32 launches keep one loop with every block
+  masked, since a peeled tail made Triton choose layouts that spilled there);
 * online softmax (FlashAttention-2): running max and sum in fp32, ``exp2`` with the softmax scale
   folded into its argument (``qk_scale = scale * log2(e)``, applied as one FMA per score, never a
   separate multiply of the score block);
 * on Hopper with bf16/fp16 and TMA-compatible strides (``TMA``), full key/value blocks come through
   device-side tensor descriptors (``cp.async.bulk.tensor``); the tail block and every other case use
-  pointer loads.
+  pointer loads (at D = 128 on sm_90 with 64-key blocks, see ``FWD_CONFIGS.variant_entries``).
 
 The output and the natural-log log-sum-exp go straight back to the caller's token positions; no copy
 of q, k, v or o is ever permuted. Ragged and half windows cost only their own tiles.
@@ -51,7 +52,7 @@ FWD_CONFIGS = ConfigTable(
         ("sm90", 64): (128, (_C(8, 3, BLOCK_N=128), _C(8, 2, BLOCK_N=128), _C(8, 4, BLOCK_N=128))),
         ("sm90", 128): (128, (_C(8, 3, BLOCK_N=128), _C(8, 2, BLOCK_N=128))),
         ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),
-        ("sm80", 128): (128, (_C(8, 2, BLOCK_N=64), _C(8, 3, BLOCK_N=64))),
+        ("sm80", 128): (128, (_C(8, 3, BLOCK_N=32), _C(8, 2, BLOCK_N=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },
     fp32_entries={
@@ -154,9 +155,9 @@ def _fwd_range(
 ):
     """Keys ``[lo, hi)`` (one affine range): full blocks in a pipelined loop, then the masked tail.
 
-    ``PEEL_TAIL=False`` (fp32: FMA dots) masks every block of one loop instead: a peeled fp32 tail block
-    makes Triton pick register-hungry layouts for the whole kernel (255 registers and kilobytes of
-    spills at D = 128), and fp32 is not the fast path.
+    ``PEEL_TAIL=False`` masks every block of one loop instead. The launcher peels only where dots run on
+    wgmma (bf16/fp16 on sm_90): with register-operand MMAs (sm_80) or FMA dots (fp32) the peeled tail
+    block made Triton pick register-hungry layouts for the whole kernel (255 registers and spills).
     """
     if not PEEL_TAIL:
         for col_start in tl.range(lo, hi, BLOCK_N):
@@ -215,6 +216,7 @@ def swin_attn_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     TMA: tl.constexpr,
+    PEEL_TAIL: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -222,8 +224,8 @@ def swin_attn_fwd_kernel(
 
     Q, K, V, Out: ``[B, N, H, D]`` (any strides; ``TMA`` needs ``stride_*d == 1`` and 16-byte aligned
     other strides); LSE: ``float32[B, H, N]`` contiguous, natural log; TILES: ``int32[num_tiles, 5]``
-    (see :func:`tile_rows`). ``qk_scale`` is ``softmax_scale * log2(e)``. ``window_bucket`` is unused
-    by the body: it is the autotuner's key for the window length.
+    (see :func:`tile_rows`). ``qk_scale`` is ``softmax_scale * log2(e)``. ``PEEL_TAIL``: see
+    ``_fwd_range``. ``window_bucket`` is unused by the body: it is the autotuner's key for the window length.
     """
     tile = tl.program_id(0)
     bh = tl.program_id(1)
@@ -252,12 +254,12 @@ def swin_attn_fwd_kernel(
     acc, m_i, l_i = _fwd_range(
         acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, start0, end0,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PEEL_TAIL, PRECISION, UPCAST,
     )  # fmt: skip
     acc, m_i, l_i = _fwd_range(
         acc, m_i, l_i, q, k_base, v_base, k_desc, v_desc, start1, end1,
         stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, offs_d,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, Q.dtype.element_ty != tl.float32, PRECISION, UPCAST,
+        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, TMA, PEEL_TAIL, PRECISION, UPCAST,
     )  # fmt: skip
 
     acc = acc / l_i[:, None]

@@ -161,7 +161,9 @@ def _compile(
         **variant,
     }
     if spec.has_dot:
-        constexprs.update(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False)
+        # Tails are peeled exactly where the launcher peels them (wgmma: bf16/fp16 on 9.x).
+        peel = cc // 10 == 9 and dtype != "fp32"
+        constexprs.update(PRECISION="ieee" if dtype == "fp32" else "tf32", UPCAST=False, PEEL_TAIL=peel)
     attrs = {}
     for index, arg in enumerate(fn.arg_names):
         if arg in constexprs:

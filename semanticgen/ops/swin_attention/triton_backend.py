@@ -162,6 +162,13 @@ def _tma_strides_ok(t: torch.Tensor) -> bool:
     return t.stride(3) == 1 and all((x * size) % 16 == 0 for x in (*t.stride()[:3], t.storage_offset()))
 
 
+def _peel_tail(q: torch.Tensor) -> bool:
+    # Unmasked full blocks plus one peeled masked tail pay off where dots run on wgmma (bf16/fp16 on
+    # 9.x); sm_80 and fp32 keep one masked loop (see kernels.swin_attention_fwd._fwd_range). The
+    # interpreter follows the 9.x choice so both forms are tested.
+    return q.dtype != torch.float32 and device_arch_class(q.device) in ("sm90", "interpreter")
+
+
 def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     if k.dtype not in (torch.bfloat16, torch.float16) or not tma_enabled():
         return False
@@ -210,6 +217,7 @@ def _launch_fwd(q, k, v, fwd_tiles, scale, fwd_block, bucket, forced=None):
         BLOCK_D=padded_head_dim(head_dim),
         BLOCK_M=fwd_block,
         TMA=tma,
+        PEEL_TAIL=_peel_tail(q),
         PRECISION=_precision(q.dtype),
         UPCAST=_upcast_dots(),
         **options,
@@ -258,7 +266,13 @@ def _launch_bwd(
     # The atomic path accumulates dQ in fp32 (zeroed); otherwise the kernel ignores DQ_ACC.
     dq_acc = torch.zeros(shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
     dq_acc_strides = _strides(dq_acc) if atomic_dq else (0, 0, 0, 0)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, PRECISION=_precision(q.dtype), UPCAST=_upcast_dots())
+    common = dict(
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PEEL_TAIL=_peel_tail(q),
+        PRECISION=_precision(q.dtype),
+        UPCAST=_upcast_dots(),
+    )
     kernel, options = _kernel(swin_attn_bwd_dkdv_kernel_tuned, forced[0])
     kernel[(dkdv_tiles.shape[0], batch * heads)](
         q,

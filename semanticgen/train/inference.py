@@ -41,11 +41,12 @@ def load_run_models(run_dir: str | Path) -> tuple[dict[str, nn.Module], dict[str
         tensors, meta = read_export(path / "model.safetensors")
     else:
         tensors, meta = collect_run_weights(path)
-    models = models_from_meta(meta)
+    with torch.device("meta"):  # no random initialisation of weights about to be replaced
+        models = models_from_meta(meta)
     for name, model in models.items():
         prefix = name + "."
         sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        model.load_state_dict(sd)
+        model.load_state_dict(sd, assign=True)  # strict: every parameter must come from the file
         model.eval().requires_grad_(False)
     return models, meta
 

@@ -72,18 +72,19 @@ DKDV_CONFIGS = ConfigTable(
         ("sm90", 64): (128, (_C(8, 3, BLOCK_M=64), _C(8, 2, BLOCK_M=64), _C(8, 4, BLOCK_M=64))),
         ("sm90", 128): (128, (_C(8, 3, BLOCK_M=32), _C(8, 2, BLOCK_M=32), _C(8, 4, BLOCK_M=32))),
         ("sm80", 64): (128, (_C(8, 2, BLOCK_M=32), _C(8, 3, BLOCK_M=32))),
-        ("sm80", 128): (64, (_C(8, 2, BLOCK_M=64), _C(4, 2, BLOCK_M=64))),
+        ("sm80", 128): (64, (_C(8, 2, BLOCK_M=64),)),  # 4 warps spilled 628 bytes
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_M=32),)),
     },
     fp32_entries={
-        64: (32, (_C(4, 2, BLOCK_M=16), _C(8, 2, BLOCK_M=16))),
+        64: (32, (_C(8, 2, BLOCK_M=16), _C(8, 1, BLOCK_M=16))),  # 4 warps spilled 12 bytes on sm_80
         # 4 warps: 255 registers and ~700 bytes of spills at D = 128; 8 warps, 1 stage: 122, none.
-        128: (32, (_C(8, 1, BLOCK_M=16), _C(8, 2, BLOCK_M=16))),
+        128: (32, (_C(8, 1, BLOCK_M=16),)),
     },
     # The atomic-dQ build holds a [BLOCK_M, D] dQ tile on top of dK, dV, K and V: at D = 128 the plain
     # tiles spill 8-32 bytes, so it streams 16-query blocks (and fp32 uses 16-key tiles).
     variant_entries={
         ("atomic_dq", "sm90", 128): (128, (_C(8, 3, BLOCK_M=16), _C(8, 4, BLOCK_M=16))),
+        ("atomic_dq", "sm80", 128): (64, (_C(8, 2, BLOCK_M=16),)),
         ("atomic_dq", "fp32", 128): (16, (_C(8, 1, BLOCK_M=16),)),
     },
 )

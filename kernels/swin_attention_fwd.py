@@ -51,7 +51,7 @@ FWD_CONFIGS = ConfigTable(
     entries={
         ("sm90", 64): (128, (_C(8, 3, BLOCK_N=128), _C(8, 2, BLOCK_N=128), _C(8, 4, BLOCK_N=128))),
         ("sm90", 128): (128, (_C(8, 3, BLOCK_N=128), _C(8, 2, BLOCK_N=128))),
-        ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(4, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),
+        ("sm80", 64): (128, (_C(8, 3, BLOCK_N=64), _C(8, 2, BLOCK_N=64))),  # 4 warps spilled 64 bytes
         ("sm80", 128): (128, (_C(8, 3, BLOCK_N=32), _C(8, 2, BLOCK_N=32))),
         ("interpreter", 128): (32, (_C(4, 1, BLOCK_N=32),)),
     },

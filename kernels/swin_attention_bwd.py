@@ -85,7 +85,7 @@ DKDV_CONFIGS = ConfigTable(
     variant_entries={
         ("atomic_dq", "sm90", 128): (128, (_C(8, 3, BLOCK_M=16), _C(8, 4, BLOCK_M=16))),
         ("atomic_dq", "sm80", 128): (64, (_C(8, 2, BLOCK_M=16),)),
-        ("atomic_dq", "fp32", 128): (16, (_C(8, 1, BLOCK_M=16),)),
+        ("atomic_dq", "fp32", 128): (16, (_C(4, 1, BLOCK_M=16),)),
     },
 )
 # dQ: tile BLOCK_M (query rows per program) and inner key block BLOCK_N fixed, as above.

@@ -185,6 +185,10 @@ def cmd_kernels(args: argparse.Namespace) -> int:
         "spill_store_bytes",
         "spill_load_bytes",
         "shared_bytes",
+        "ctas_per_sm",
+        "wgmma",
+        "tma",
+        "loop_waits_all",
     )
     for col in cols:
         table.add_column(col.replace("_bytes", " (B)"), justify="right" if col in cols[4:] else "left")

@@ -180,9 +180,11 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
             self.compiler.compile = compile_all
 
 
-# `kernels/` (Triton sources) and `benchmarks/` sit at the top of the repository and install as
-# `semanticgen.kernels` and `semanticgen.benchmarks`, so `semanticgen bench` works from a wheel.
-_TOP_LEVEL_SUBPACKAGES = {"semanticgen.kernels": "kernels", "semanticgen.benchmarks": "benchmarks"}
+# `benchmarks/` sits at the top of the repository and installs as `semanticgen.benchmarks`, so
+# `semanticgen bench` works from a wheel. (The Triton sources live in `semanticgen/kernels/`: a top-level
+# `kernels/` directory shadowed Hugging Face's `kernels` package, which `transformers` imports, whenever the
+# repository root was on sys.path, e.g. under `python -m pytest`.)
+_TOP_LEVEL_SUBPACKAGES = {"semanticgen.benchmarks": "benchmarks"}
 
 setup(
     packages=find_packages(include=["semanticgen", "semanticgen.*"]) + sorted(_TOP_LEVEL_SUBPACKAGES),

@@ -1,12 +1,15 @@
 """Timing helpers shared by the benchmark modules.
 
 Wall-clock medians over repeats after warm-up: this machine is noisy, so every figure a benchmark
-reports is also given as a ratio against a baseline measured in the same run. GPU benchmarks use
+reports is also given as a ratio against a baseline measured in the same run, with its spread across
+repeats (min, median, max). :func:`noise_flag` marks a figure whose max/min exceeds :data:`SPREAD_BOUND`,
+so a table never shows a noisy number as if it were a measurement. GPU benchmarks use
 :func:`cuda_event_times` (CUDA events, L2 flushed between calls) and :func:`summarize`.
 """
 
 from __future__ import annotations
 
+import glob
 import statistics
 import time
 from collections.abc import Callable
@@ -22,7 +25,7 @@ def _sync(device: str) -> None:
 def measure(
     fn: Callable[[], object], *, device: str = "cpu", warmup: int = 1, repeats: int = 5, min_seconds: float = 0.0
 ) -> dict[str, float]:
-    """Median/min wall time of ``fn()`` in milliseconds.
+    """Median/min/max wall time of ``fn()`` in milliseconds (:func:`summarize`'s dict).
 
     Runs ``warmup`` untimed calls, then at least ``repeats`` timed calls (more while the total is
     under ``min_seconds``, for very short kernels).
@@ -39,13 +42,13 @@ def measure(
         times.append((time.perf_counter() - start) * 1e3)
         if len(times) >= 1000:
             break
-    return {"ms": statistics.median(times), "ms_min": min(times), "repeats": len(times)}
+    return summarize(times)
 
 
 def measure_interleaved(
     fns: dict[str, Callable[[], object]], *, device: str = "cpu", warmup: int = 1, repeats: int = 5
 ) -> dict[str, dict[str, float]]:
-    """Time several functions round-robin; per function, the median/min in milliseconds.
+    """Time several functions round-robin; per function, :func:`summarize`'s median/min/max in milliseconds.
 
     Interleaving puts every candidate under the same background load, so the ratios between them
     stay meaningful on a noisy machine even when absolute times drift.
@@ -61,7 +64,7 @@ def measure_interleaved(
             fn()
             _sync(device)
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: {"ms": statistics.median(ts), "ms_min": min(ts), "repeats": len(ts)} for name, ts in times.items()}
+    return {name: summarize(ts) for name, ts in times.items()}
 
 
 def summarize(times_ms: list[float]) -> dict[str, float]:
@@ -74,6 +77,61 @@ def summarize(times_ms: list[float]) -> dict[str, float]:
         "ms_max": max(times_ms),
         "repeats": len(times_ms),
     }
+
+
+# A figure whose slowest repeat took more than this many times its fastest is flagged as noisy: on a
+# quiet machine repeats of these benchmarks agree within ~10-20 %, so 1.5x means something else ran.
+SPREAD_BOUND = 1.5
+
+
+def noise_flag(timing: dict[str, float], bound: float = SPREAD_BOUND) -> str | None:
+    """``"spread 2.1x > 1.5x"`` when ``ms_max / ms_min`` of a :func:`summarize` dict exceeds ``bound``, else None."""
+    spread = timing["ms_max"] / timing["ms_min"] if timing["ms_min"] > 0 else float("inf")
+    return f"spread {spread:.2f}x > {bound:g}x" if spread > bound else None
+
+
+def spread_fields(timing: dict[str, float], scale: float = 1.0) -> dict[str, object]:
+    """Row fields of one timed figure: ``ms`` (median), ``ms_min``, ``ms_max`` (all times ``scale``),
+    ``repeats``, ``spread`` (max/min) and ``noise`` (:func:`noise_flag`, None when within the bound)."""
+    return {
+        "ms": timing["ms"] * scale,
+        "ms_min": timing["ms_min"] * scale,
+        "ms_max": timing["ms_max"] * scale,
+        "repeats": timing["repeats"],
+        "spread": timing["ms_max"] / timing["ms_min"] if timing["ms_min"] > 0 else float("inf"),
+        "noise": noise_flag(timing),
+    }
+
+
+def add_noise(row: dict, reason: str) -> None:
+    """Append ``reason`` to ``row["noise"]`` (``"; "``-separated), the one field flagged rows carry."""
+    row["noise"] = f"{row['noise']}; {reason}" if row.get("noise") else reason
+
+
+def last_level_cache_bytes(device: str = "cpu", sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """Size of the last-level cache in bytes: the GPU's L2 on CUDA, else the largest CPU cache level.
+
+    Read from ``<sysfs>/index*/`` (level, type and size); 32 MiB when that is
+    unreadable, a generous guess so buffers sized from it stay out of cache on most servers.
+    """
+    if device.startswith("cuda"):
+        return int(torch.cuda.get_device_properties(device).L2_cache_size)
+    best = (0, 0)
+    for index in glob.glob(f"{sysfs}/index*"):
+        try:
+            with open(f"{index}/level") as f:
+                level = int(f.read())
+            with open(f"{index}/size") as f:
+                text = f.read().strip()
+            with open(f"{index}/type") as f:
+                if f.read().strip() == "Instruction":
+                    continue
+        except (OSError, ValueError):
+            continue
+        unit = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:].upper(), 1)
+        size = int(text.rstrip("KMGkmg")) * unit
+        best = max(best, (level, size))
+    return best[1] or 32 * 2**20
 
 
 _L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H200: 50 MB)

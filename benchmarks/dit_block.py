@@ -6,7 +6,9 @@ self-attention (``scaled_dot_product_attention``) and with ``swin_attention`` wi
 frames. Every timed call runs the block at both window parities (what alternating layers see) and is
 halved. Reports milliseconds, tokens/s, achieved GFLOP/s of the whole block (model FLOPs: in-window
 attention FLOPs only for the windowed block), the share of the block's FLOPs spent in self-attention,
-and the windowed block's speedup over the full-attention block measured in the same run.
+and the windowed block's speedup over the full-attention block measured in the same run. Each time
+carries its spread over the repeats (``ms_min``, ``ms_max``) and a ``noise`` flag above
+``_timing.SPREAD_BOUND``.
 
 Run alone: ``python -m semanticgen.benchmarks.dit_block [--quick] [--device cpu]``.
 """
@@ -21,7 +23,7 @@ import torch
 from semanticgen.models import DiTBlock, LatentGenerator, rope_tables
 from semanticgen.ops import WindowLayout
 
-from ._timing import NullProgress, measure_interleaved
+from ._timing import NullProgress, measure_interleaved, spread_fields
 
 TEXT_TOKENS = 64
 TW = 4  # window in latent frames
@@ -132,7 +134,7 @@ def _bench_case(case: Case, quick: bool, device: str, dtype: torch.dtype, progre
                     "text_tokens": TEXT_TOKENS,
                     "window": TW,
                     "windows": layout.num_windows(False),
-                    "ms": ms,
+                    **spread_fields(timed[impl], scale=0.5),  # two block calls per timed call
                     "tokens_per_s": n / (ms * 1e-3),
                     "gflops": (linear + attn) / (ms * 1e-3) / 1e9,
                     "attention_flop_share": attn / (linear + attn),

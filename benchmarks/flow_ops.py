@@ -1,17 +1,33 @@
-"""Fused rectified-flow ops against eager torch, torch.compile and the memory-bandwidth roof.
+"""Fused rectified-flow ops against eager torch, torch.compile and a STREAM-triad memory roof.
 
 For each op (``cfg_euler_step`` with ``out=``, ``euler_step_`` in place, ``flow_noising``, the
-``flow_matching_loss`` forward and forward+backward) on ``2^24`` elements, times
+``flow_matching_loss`` forward and forward+backward) on ``2^24`` elements shaped ``(4, 2^22)``, times
 
 * ``fused``: the semanticgen op, writing into preallocated buffers where it has ``out=``;
-* ``eager``: the same expression in eager torch (what a user would write; its temporaries included);
-* ``compiled``: that expression through ``torch.compile`` (inductor), writing into the same buffers;
-* ``copy roof``: ``dst.copy_(src)`` of one tensor of the same size into a preallocated one.
+* ``eager``: the same expression in eager torch as a user would write it, in the inputs' dtype (its
+  temporaries included);
+* ``eager fp32``: for bf16 inputs only, that expression upcast to float32 and rounded once at the end.
+  The fused ops compute in fp32 and round once, so this is the eager baseline with the fused op's
+  accuracy; the ``err_ulps`` column measures which candidates match it;
+* ``compiled``: the as-written expression through ``torch.compile`` (inductor), into the same buffers;
+* ``triad roof``: the STREAM triad ``a = b + s * c`` (``torch.add(b, c, alpha=s, out=a)``) in float32
+  on three buffers each at least 4x the last-level cache (CPU: the largest cache level in sysfs; CUDA: L2),
+  so it streams from memory. The op tensors (64 MiB per float32 tensor) move 3-7 tensors per call, 4-8x a
+  32 MiB LLC; ``working_set_vs_llc`` says how far out of cache each op is here.
 
-Every row reports the median time, the achieved GB/s (bytes the op must move, divided by time: each
-input read once and each output written once), the speedup over eager, the time ratio against the
-compiled expression, and the fraction of the copy roof's GB/s measured in the same run. All
-candidates of one op are timed round-robin so background load hits them alike.
+Every row reports the median time with its spread over the repeats (``ms_min``, ``ms_max``; ``noise``
+flags max/min above ``_timing.SPREAD_BOUND``), the achieved GB/s (bytes the op must move, divided by
+time: each input read once and each output written once; the triad counts its 3 arrays the same way,
+and neither counts write-allocate reads), the speedup over eager, the time ratio against the compiled
+expression, the fraction of the triad roof's GB/s measured in the same round-robin, and ``err_ulps``
+(the largest error of any output element against a float64 evaluation of the same inputs, in units in the
+last place of the output dtype: one correct rounding is <= 0.5; the loss rows: the scalar's error).
+On CPU all candidates of one op are timed round-robin so background load hits them alike; on CUDA each is
+timed with CUDA events after warm-up, with L2 flushed before every call.
+
+A shape sweep then times ``cfg_euler_step(..., out=)`` (fused and eager, float32) on the same ``2^24``
+elements laid out as ``(n,)``, ``(1, n)``, ``(4, n/4)`` and ``(B, n/B)`` with large ``B``: the op's speed
+should not depend on how the leading dimension is laid out, and these rows show whether it does.
 
 Run alone: ``python -m semanticgen.benchmarks.flow_ops [--quick] [--device cpu|cuda]``.
 """
@@ -19,17 +35,27 @@ Run alone: ``python -m semanticgen.benchmarks.flow_ops [--quick] [--device cpu|c
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
 from semanticgen._extension import cpu_capability
 from semanticgen.ops import flow
 
-from ._timing import NullProgress, measure_interleaved
+from ._timing import (
+    NullProgress,
+    cuda_event_times,
+    last_level_cache_bytes,
+    measure_interleaved,
+    spread_fields,
+    summarize,
+)
 
 NUMEL = 1 << 24
 BATCH = 4
 GUIDANCE, DT, T = 5.0, -0.02, 0.3
+TRIAD_SCALE = 3.0
+TRIAD_LLC_MULTIPLE = 4  # STREAM's rule: each array at least 4x the last-level cache
 OPS = (
     "cfg_euler_step",
     "cfg_euler_step [B] tensors",
@@ -39,6 +65,10 @@ OPS = (
     "flow_matching_loss",
     "flow_matching_loss fwd+bwd",
 )
+# Leading dims of the cfg_euler_step layout sweep (0 = 1-D ``(n,)``); same NUMEL elements in each.
+SWEEP_BATCHES = (0, 1, BATCH, 1024, 1 << 16)
+SWEEP_OP = "cfg_euler_step shape sweep"
+ERR_ELEMENTS = 1 << 18  # elements compared against float64 (a prefix of the output: the check stays cheap)
 
 
 def _dtypes(quick: bool) -> tuple[torch.dtype, ...]:
@@ -46,7 +76,7 @@ def _dtypes(quick: bool) -> tuple[torch.dtype, ...]:
 
 
 def steps(quick: bool) -> int:
-    return len(OPS) * len(_dtypes(quick))
+    return len(OPS) * len(_dtypes(quick)) + len(SWEEP_BATCHES)
 
 
 def skip_reason(device: str) -> str | None:
@@ -58,16 +88,71 @@ def skip_reason(device: str) -> str | None:
     return None
 
 
-def _cases(dtype: torch.dtype, device: str):
-    """Per op: bytes moved (one read per input, one write per output) and the candidate callables;
-    plus the copy roof (one tensor copied into a preallocated one) and the bytes of one tensor."""
+def _time(fns: dict, device: str, repeats: int) -> dict[str, dict[str, float]]:
+    """Per candidate, :func:`summarize`'s median/min/max milliseconds."""
+    if device.startswith("cuda"):
+        # CUDA events per call with a 256 MB L2 flush before each (cuda_event_times), after warm-up
+        # calls that also trigger torch.compile's first compile.
+        return {
+            name: summarize(
+                cuda_event_times(
+                    fn, device=device, warmup=3, min_repeats=repeats, max_repeats=4 * repeats, min_seconds=0.3
+                )
+            )
+            for name, fn in fns.items()
+        }
+    return measure_interleaved(fns, device=device, warmup=2, repeats=repeats)
+
+
+def triad_numel(llc_bytes: int) -> int:
+    """Float32 elements per triad buffer: at least ``TRIAD_LLC_MULTIPLE`` x the cache, a multiple of 2^20."""
+    return math.ceil(TRIAD_LLC_MULTIPLE * llc_bytes / 4 / 2**20) * 2**20
+
+
+def _triad(device: str):
+    """STREAM triad ``a = b + s * c`` on float32 buffers each >= 4x the last-level cache.
+
+    Returns ``(callable, bytes moved per call, elements per buffer, last-level cache bytes)``.
+    """
+    llc = last_level_cache_bytes(device)
+    numel = triad_numel(llc)
+    a = torch.empty(numel, device=device)
+    b, c = torch.rand(numel, device=device), torch.rand(numel, device=device)
+    return (lambda: torch.add(b, c, alpha=TRIAD_SCALE, out=a)), 3 * numel * 4, numel, llc
+
+
+_MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def _ulp_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max over elements of ``|got - ref|`` in units of the last place of ``ref`` rounded to ``got``'s dtype.
+
+    Per element, not relative to the largest output: a bf16 expression that rounds every intermediate
+    loses most where the result is small, which a max-abs-over-max-ref figure hides behind the large ones.
+    """
+    ref = ref.double()
+    _, exponent = torch.frexp(ref.abs().clamp_min(torch.finfo(got.dtype).tiny))
+    ulp = torch.ldexp(torch.ones_like(ref), exponent - 1 - _MANTISSA_BITS[got.dtype])
+    return float(((got.double() - ref).abs() / ulp).max())
+
+
+def _cases(dtype: torch.dtype, device: str) -> dict[str, tuple[int, dict, object]]:
+    """Per op: ``(bytes moved, {impl: callable}, check)``. Bytes count one read per input and one write per
+    output; ``check(fn)`` runs ``fn`` once and returns its error against float64 (None where not measured)."""
     shape = (BATCH, NUMEL // BATCH)
     z, a, b = (torch.randn(shape, device=device).to(dtype) for _ in range(3))
     out, out2 = torch.empty_like(z), torch.empty_like(z)
     size = z.numel() * z.element_size()
+    upcast = dtype != torch.float32  # the fp32-upcast eager baseline only differs from eager below fp32
+    k = ERR_ELEMENTS
+    z64, a64, b64 = (t.flatten()[:k].double() for t in (z, a, b))
 
     def eager_cfg(z, vc, vu, out):
         torch.add(z, DT * (vu + GUIDANCE * (vc - vu)), out=out)
+
+    def eager32_cfg(z, vc, vu, out):
+        z, vc, vu = z.float(), vc.float(), vu.float()
+        out.copy_(z + DT * (vu + GUIDANCE * (vc - vu)))
 
     def expr_cfg(z, vc, vu, out):
         out.copy_(z + DT * (vu + GUIDANCE * (vc - vu)))
@@ -80,12 +165,19 @@ def _cases(dtype: torch.dtype, device: str):
         g, dt = g.to(z.dtype)[:, None], dt.to(z.dtype)[:, None]
         torch.add(z, dt * (vu + g * (vc - vu)), out=out)
 
+    def eager32_cfg_b(z, vc, vu, g, dt, out):
+        z, vc, vu, g, dt = z.float(), vc.float(), vu.float(), g[:, None], dt[:, None]
+        out.copy_(z + dt * (vu + g * (vc - vu)))
+
     def expr_cfg_b(z, vc, vu, g, dt, out):
         g, dt = g.to(z.dtype)[:, None], dt.to(z.dtype)[:, None]
         out.copy_(z + dt * (vu + g * (vc - vu)))
 
     def eager_euler(z, v):
         z.add_(v, alpha=DT)
+
+    def eager32_euler(z, v):
+        z.copy_(z.float() + DT * v.float())
 
     def expr_euler(z, v):
         z.copy_(z + DT * v)
@@ -94,6 +186,11 @@ def _cases(dtype: torch.dtype, device: str):
         torch.add((1 - T) * z0, T * eps, out=out_zt)
         torch.sub(eps, z0, out=out_u)
 
+    def eager32_noising(z0, eps, out_zt, out_u):
+        z0, eps = z0.float(), eps.float()
+        out_zt.copy_((1 - T) * z0 + T * eps)
+        out_u.copy_(eps - z0)
+
     def expr_noising(z0, eps, out_zt, out_u):
         out_zt.copy_((1 - T) * z0 + T * eps)
         out_u.copy_(eps - z0)
@@ -101,8 +198,16 @@ def _cases(dtype: torch.dtype, device: str):
     def new_noising(z0, eps):
         return (1 - T) * z0 + T * eps, eps - z0
 
+    def new32_noising(z0, eps):
+        z0, eps = z0.float(), eps.float()
+        return ((1 - T) * z0 + T * eps).to(dtype), (eps - z0).to(dtype)
+
     def eager_loss(v, z0, eps):
+        # Upcasts only for the mean: eps - z0 is rounded to the input dtype first, as users write it.
         return torch.nn.functional.mse_loss(v.float(), (eps - z0).float())
+
+    def eager32_loss(v, z0, eps):
+        return torch.nn.functional.mse_loss(v.float(), eps.float() - z0.float())
 
     leaf = a.detach().clone().requires_grad_()
 
@@ -114,6 +219,10 @@ def _cases(dtype: torch.dtype, device: str):
         leaf.grad = None
         eager_loss(leaf, z, b).backward()
 
+    def eager32_loss_bwd():
+        leaf.grad = None
+        eager32_loss(leaf, z, b).backward()
+
     compiled_loss = torch.compile(eager_loss)
 
     def compiled_loss_bwd():
@@ -123,72 +232,146 @@ def _cases(dtype: torch.dtype, device: str):
     compiled_cfg, compiled_euler = torch.compile(expr_cfg), torch.compile(expr_euler)
     compiled_noising = torch.compile(expr_noising)
     compiled_cfg_b, compiled_new_noising = torch.compile(expr_cfg_b), torch.compile(new_noising)
-    return (
-        {
-            "cfg_euler_step": (
-                4 * size,
-                {
-                    "fused": lambda: flow.cfg_euler_step(z, a, b, GUIDANCE, DT, out=out),
-                    "eager": lambda: eager_cfg(z, a, b, out),
-                    "compiled": lambda: compiled_cfg(z, a, b, out),
-                },
+
+    # float64 references on the first ERR_ELEMENTS elements (all in batch row 0, so scalar g and dt apply).
+    ref_cfg = z64 + DT * (b64 + GUIDANCE * (a64 - b64))
+
+    def check_cfg(fn):
+        fn()
+        return _ulp_err(out.flatten()[:k], ref_cfg)
+
+    def check_euler(fn):
+        out.copy_(z)  # the timed calls let `out` drift; restart from z so the reference applies
+        fn()
+        return _ulp_err(out.flatten()[:k], z64 + DT * a64)
+
+    def check_noising(fn):
+        fn()
+        return max(_ulp_err(out.flatten()[:k], (1 - T) * z64 + T * a64), _ulp_err(out2.flatten()[:k], a64 - z64))
+
+    def check_new_noising(fn):
+        zt, u = fn()
+        return max(_ulp_err(zt.flatten()[:k], (1 - T) * z64 + T * a64), _ulp_err(u.flatten()[:k], a64 - z64))
+
+    def check_loss(fn):
+        # The whole tensor: a reduction's error depends on every element. (v - (eps - z0))^2 in float64.
+        ref = (a.double() - (b.double() - z.double())).square().mean()
+        return _ulp_err(fn().detach().reshape(1), ref.reshape(1))
+
+    def cands(fused, eager, eager32, compiled):
+        return {"fused": fused, "eager": eager, **({"eager fp32": eager32} if upcast else {}), "compiled": compiled}
+
+    return {
+        "cfg_euler_step": (
+            4 * size,
+            cands(
+                lambda: flow.cfg_euler_step(z, a, b, GUIDANCE, DT, out=out),
+                lambda: eager_cfg(z, a, b, out),
+                lambda: eager32_cfg(z, a, b, out),
+                lambda: compiled_cfg(z, a, b, out),
             ),
-            "cfg_euler_step [B] tensors": (
-                4 * size,
-                {
-                    "fused": lambda: flow.cfg_euler_step(z, a, b, g_b, dt_b, out=out),
-                    "eager": lambda: eager_cfg_b(z, a, b, g_b, dt_b, out),
-                    "compiled": lambda: compiled_cfg_b(z, a, b, g_b, dt_b, out),
-                },
+            check_cfg,
+        ),
+        "cfg_euler_step [B] tensors": (
+            4 * size,
+            cands(
+                lambda: flow.cfg_euler_step(z, a, b, g_b, dt_b, out=out),
+                lambda: eager_cfg_b(z, a, b, g_b, dt_b, out),
+                lambda: eager32_cfg_b(z, a, b, g_b, dt_b, out),
+                lambda: compiled_cfg_b(z, a, b, g_b, dt_b, out),
             ),
-            # In place on `out` (refilled never: the values drift, the traffic does not).
-            "euler_step_": (
-                3 * size,
-                {
-                    "fused": lambda: flow.euler_step_(out, a, DT),
-                    "eager": lambda: eager_euler(out, a),
-                    "compiled": lambda: compiled_euler(out, a),
-                },
+            check_cfg,
+        ),
+        # In place on `out` (refilled never: the values drift, the traffic does not).
+        "euler_step_": (
+            3 * size,
+            cands(
+                lambda: flow.euler_step_(out, a, DT),
+                lambda: eager_euler(out, a),
+                lambda: eager32_euler(out, a),
+                lambda: compiled_euler(out, a),
             ),
-            "flow_noising": (
-                4 * size,
-                {
-                    "fused": lambda: flow.flow_noising(z, a, T, out=(out, out2)),
-                    "eager": lambda: eager_noising(z, a, out, out2),
-                    "compiled": lambda: compiled_noising(z, a, out, out2),
-                },
+            check_euler,
+        ),
+        "flow_noising": (
+            4 * size,
+            cands(
+                lambda: flow.flow_noising(z, a, T, out=(out, out2)),
+                lambda: eager_noising(z, a, out, out2),
+                lambda: eager32_noising(z, a, out, out2),
+                lambda: compiled_noising(z, a, out, out2),
             ),
-            # Fresh outputs every call, as in a training step with autograd. On CPU each fresh 64 MiB
-            # tensor is new memory from the OS, so page faults are part of every candidate's time.
-            "flow_noising new outputs": (
-                4 * size,
-                {
-                    "fused": lambda: flow.flow_noising(z, a, T),
-                    "eager": lambda: new_noising(z, a),
-                    "compiled": lambda: compiled_new_noising(z, a),
-                },
+            check_noising,
+        ),
+        # Fresh outputs every call, as in a training step with autograd. On CPU each fresh 64 MiB
+        # tensor is new memory from the OS, so page faults are part of every candidate's time.
+        "flow_noising new outputs": (
+            4 * size,
+            cands(
+                lambda: flow.flow_noising(z, a, T),
+                lambda: new_noising(z, a),
+                lambda: new32_noising(z, a),
+                lambda: compiled_new_noising(z, a),
             ),
-            "flow_matching_loss": (
-                3 * size,
-                {
-                    "fused": lambda: flow.flow_matching_loss(a, z, b),
-                    "eager": lambda: eager_loss(a, z, b),
-                    "compiled": lambda: compiled_loss(a, z, b),
-                },
+            check_new_noising,
+        ),
+        "flow_matching_loss": (
+            3 * size,
+            cands(
+                lambda: flow.flow_matching_loss(a, z, b),
+                lambda: eager_loss(a, z, b),
+                lambda: eager32_loss(a, z, b),
+                lambda: compiled_loss(a, z, b),
             ),
-            # Forward reads 3 tensors, backward reads 3 and writes 1 gradient.
-            "flow_matching_loss fwd+bwd": (
-                7 * size,
-                {"fused": fused_loss_bwd, "eager": eager_loss_bwd, "compiled": compiled_loss_bwd},
+            check_loss,
+        ),
+        # Forward reads 3 tensors, backward reads 3 and writes 1 gradient. No error column: the gradient
+        # check lives in tests/test_flow_ops.py.
+        "flow_matching_loss fwd+bwd": (
+            7 * size,
+            cands(fused_loss_bwd, eager_loss_bwd, eager32_loss_bwd, compiled_loss_bwd),
+            None,
+        ),
+    }
+
+
+def _sweep_cases(device: str) -> dict[tuple[int, ...], dict]:
+    """``cfg_euler_step(..., out=)`` candidates (fused, eager) per layout of the same NUMEL float32 elements."""
+    z, a, b, out = (torch.randn(NUMEL, device=device) for _ in range(4))
+    cases = {}
+    for batch in SWEEP_BATCHES:
+        shape = (NUMEL,) if batch == 0 else (batch, NUMEL // batch)
+        zs, as_, bs, outs = (t.view(shape) for t in (z, a, b, out))
+        cases[shape] = {
+            "fused": lambda zs=zs, as_=as_, bs=bs, outs=outs: flow.cfg_euler_step(zs, as_, bs, GUIDANCE, DT, out=outs),
+            "eager": lambda zs=zs, as_=as_, bs=bs, outs=outs: torch.add(
+                zs, DT * (bs + GUIDANCE * (as_ - bs)), out=outs
             ),
-        },
-        (lambda: out2.copy_(z)),
-        size,
-    )
+        }
+    return cases
+
+
+def _row(device, op, impl, dtype_name, shape, nbytes, timing, llc, **extra) -> dict:
+    return {
+        "suite": "flow",
+        "device": device,
+        "op": op,
+        "impl": impl,
+        "dtype": dtype_name,
+        "shape": str(tuple(shape)),
+        "numel": math.prod(shape),
+        "threads": torch.get_num_threads(),
+        "cpu_capability": cpu_capability() if device == "cpu" else None,
+        **spread_fields(timing),
+        "GB/s": nbytes / (timing["ms"] * 1e-3) / 1e9,
+        "working_set_vs_llc": nbytes / llc,
+        **extra,
+    }
 
 
 def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
-    """Rows ``{op, impl, dtype, numel, ms, GB/s, speedup_vs_eager, compiled_ms_ratio, roof_fraction}``.
+    """Rows ``{op, impl, dtype, shape, ms, ms_min, ms_max, spread, noise, GB/s, speedup_vs_eager,
+    compiled_ms_ratio, roof_fraction, err_ulps}``, the ``triad roof`` rows among them.
 
     ``cpu_capability`` in each CPU row names the variant of the fused kernels that ran (``avx2``
     or ``avx512``; set ``SEMANTICGEN_CPU_CAPABILITY`` to compare them).
@@ -196,37 +379,35 @@ def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
     progress = progress or NullProgress()
     repeats = 5 if quick else 15
     rows: list[dict] = []
-    variant = cpu_capability() if device == "cpu" else None
+    triad, triad_bytes, triad_numel, llc = _triad(device)
     for dtype in _dtypes(quick):
-        cases, roof, size = _cases(dtype, device)
+        cases = _cases(dtype, device)
         dtype_name = str(dtype).removeprefix("torch.")
-        for op, (nbytes, fns) in cases.items():
-            fns = {**fns, "copy roof": roof}
-            times = measure_interleaved(fns, device=device, warmup=2, repeats=repeats)
-            roof_gbs = 2 * size / (times["copy roof"]["ms"] * 1e-3) / 1e9
+        for op, (nbytes, fns, check) in cases.items():
+            times = _time({**fns, "triad roof": triad}, device, repeats)
+            roof_gbs = triad_bytes / (times["triad roof"]["ms"] * 1e-3) / 1e9
             for impl, t in times.items():
-                moved = 2 * size if impl == "copy roof" else nbytes
-                gbs = moved / (t["ms"] * 1e-3) / 1e9
-                rows.append(
-                    {
-                        "suite": "flow",
-                        "device": device,
-                        "op": op,
-                        "impl": impl,
-                        "dtype": dtype_name,
-                        "numel": NUMEL,
-                        "threads": torch.get_num_threads(),
-                        "cpu_capability": variant,
-                        "ms": t["ms"],
-                        "ms_min": t["ms_min"],
-                        "GB/s": gbs,
-                        "speedup_vs_eager": times["eager"]["ms"] / t["ms"],
-                        "compiled_ms_ratio": times["compiled"]["ms"] / t["ms"],
-                        "roof_fraction": gbs / roof_gbs,
-                    }
-                )
+                is_roof = impl == "triad roof"
+                moved = triad_bytes if is_roof else nbytes
+                extra = {
+                    "speedup_vs_eager": times["eager"]["ms"] / t["ms"],
+                    "compiled_ms_ratio": times["compiled"]["ms"] / t["ms"],
+                    "roof_fraction": moved / (t["ms"] * 1e-3) / 1e9 / roof_gbs,
+                    "err_ulps": None if is_roof or check is None else check(fns[impl]),
+                }
+                shape = (triad_numel,) if is_roof else (BATCH, NUMEL // BATCH)
+                rows.append(_row(device, op, impl, "float32" if is_roof else dtype_name, shape, moved, t, llc, **extra))
             progress.advance(f"flow {op} {dtype_name}")
-        del cases, roof
+        del cases
+    for shape, fns in _sweep_cases(device).items():
+        times = _time({**fns, "triad roof": triad}, device, repeats)
+        roof_gbs = triad_bytes / (times["triad roof"]["ms"] * 1e-3) / 1e9
+        for impl in fns:
+            t = times[impl]
+            gbs = 4 * NUMEL * 4 / (t["ms"] * 1e-3) / 1e9
+            extra = {"speedup_vs_eager": times["eager"]["ms"] / t["ms"], "roof_fraction": gbs / roof_gbs}
+            rows.append(_row(device, SWEEP_OP, impl, "float32", shape, 4 * NUMEL * 4, t, llc, **extra))
+        progress.advance(f"flow cfg_euler_step {shape}")
     return rows
 
 
@@ -243,12 +424,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: {label}", flush=True)
 
     rows = run(quick=args.quick, device=args.device, progress=_Print())
-    header = ("op", "impl", "dtype", "ms", "GB/s", "speedup_vs_eager", "compiled_ms_ratio", "roof_fraction")
+    header = (
+        "op", "impl", "dtype", "shape", "ms", "ms_min", "ms_max", "GB/s", "speedup_vs_eager", "roof_fraction",
+        "err_ulps", "noise",
+    )  # fmt: skip
     if args.device == "cpu":
         print(f"fused CPU kernels: {rows[0]['cpu_capability']}, {rows[0]['threads']} threads")
     print(" | ".join(header))
     for row in rows:
-        print(" | ".join(f"{row[k]:.3f}" if isinstance(row[k], float) else str(row[k]) for k in header))
+        print(" | ".join(f"{row.get(k):.3g}" if isinstance(row.get(k), float) else str(row.get(k)) for k in header))
     return 0
 
 

@@ -6,7 +6,11 @@ user would otherwise call. The windowed op runs on the same tokens in both order
 ``swin_attention_blocked`` (blocked order, every window one contiguous range). Reports milliseconds,
 effective GFLOP/s (in-window FLOPs only for the windowed op, ``N^2`` FLOPs for full attention), the
 speedup and the per-FLOP rate ratio, for forward and forward+backward, plus how time grows with
-sequence length at a fixed window.
+sequence length at a fixed window (``time_vs_half_n``).
+
+Each time comes with its spread over the repeats (``ms_min``, ``ms_max``). The ``noise`` column flags a
+row whose max/min exceeds ``_timing.SPREAD_BOUND``, or whose time at N is below its time at N/2: more
+tokens in windows of a fixed size cannot take less time, so such a row measured the machine's load.
 
 Run alone: ``python -m semanticgen.benchmarks.swin_attention_cpu [--quick]``.
 """
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 
 from semanticgen.ops import WindowLayout, swin_attention
 
-from ._timing import NullProgress, measure_interleaved
+from ._timing import NullProgress, add_noise, measure_interleaved, spread_fields
 
 # The issue's reference case: 8,704 tokens in 8 windows.
 HEADS, HEAD_DIM = 8, 64
@@ -128,7 +132,7 @@ def _bench_case(tv: int, quick: bool, device: str, progress) -> list[dict]:
                     **base,
                     "impl": impl,
                     "order": order,
-                    "ms": ms,
+                    **spread_fields(timed[impl], scale=0.5),
                     "gflops": gflops,
                     "speedup_vs_full": full_ms / ms,
                     "flop_rate_vs_full": gflops / full_gflops,
@@ -140,7 +144,7 @@ def _bench_case(tv: int, quick: bool, device: str, progress) -> list[dict]:
                 **base,
                 "impl": "sdpa_full",
                 "order": None,
-                "ms": full_ms,
+                **spread_fields(timed["sdpa_full"], scale=0.5),
                 "gflops": full_gflops,
                 "speedup_vs_full": 1.0,
                 "flop_rate_vs_full": 1.0,
@@ -163,11 +167,16 @@ def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
 
 
 def _add_growth(rows: list[dict]) -> None:
-    """``time_vs_half_n``: time at N over time at N/2 (same impl and pass); ~2 is linear, ~4 quadratic."""
+    """``time_vs_half_n``: time at N over time at N/2 (same impl and pass); ~2 is linear, ~4 quadratic.
+
+    Below 1 is impossible for either (twice the tokens, same window): the row's ``noise`` says so.
+    """
     by_key = {(r["impl"], r["pass"], r["tokens"]): r["ms"] for r in rows}
     for r in rows:
         half = by_key.get((r["impl"], r["pass"], r["tokens"] // 2))
         r["time_vs_half_n"] = r["ms"] / half if half else None
+        if half and r["time_vs_half_n"] < 1.0:
+            add_noise(r, f"time fell as N doubled ({r['time_vs_half_n']:.2f}x)")
 
 
 def steps(quick: bool = False) -> int:

@@ -7,7 +7,13 @@ Each suite is a module in ``semanticgen.benchmarks`` (the repository's ``benchma
   and ``skip_reason(device) -> str | None`` (why it cannot run here).
 
 The runner shows progress, prints a table, and writes ``results.json``, ``results.csv`` and
-``attention_scaling.png`` (time vs tokens) with the machine, versions, git commit and timestamp.
+``attention_scaling.png`` (time vs tokens) with the machine, versions, git commit and timestamp, into a
+new directory ``bench-results/<UTC timestamp>-<device>[-quick]/`` unless it is given one, so no run
+overwrites another's results.
+
+Rows that carry a ``noise`` field (set by the suites: a spread across repeats above
+``_timing.SPREAD_BOUND``, or an impossible growth with N) are flagged in the tables and the JSON, and
+:func:`run` ends with a warning to rerun on a quiet machine.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+# Parent of the per-run result directories when no output directory is given.
+DEFAULT_ROOT = "bench-results"
 
 # name -> module under semanticgen.benchmarks, in the order they run.
 SUITES: dict[str, str] = {
@@ -90,6 +99,8 @@ def environment(device: str) -> dict:
     env = {
         "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device,
+        "machine": platform.node(),
+        "arch": platform.machine(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -167,7 +178,8 @@ def print_tables(results: Sequence[SuiteResult], console=None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    skip_cols = {"suite", "device"}
+    # Per-row constants of a run (in the JSON/CSV) and the spread's raw parts: ms_min/ms_max stay, with noise.
+    skip_cols = {"suite", "device", "repeats", "spread", "threads", "cpu_capability"}
     for result in results:
         if result.skipped:
             console.print(f"[yellow]{result.name}: skipped: {result.skipped}[/yellow]")
@@ -177,33 +189,102 @@ def print_tables(results: Sequence[SuiteResult], console=None) -> None:
             columns += [k for k in row if k not in columns and k not in skip_cols]
         table = Table(title=result.name)
         for col in columns:
-            table.add_column(col, justify="left" if col in ("impl", "op", "pass", "dtype", "case") else "right")
+            table.add_column(col, justify="left" if col in ("impl", "op", "pass", "dtype", "case", "shape", "noise") else "right")
         for row in result.rows:
-            table.add_row(*(_fmt(row.get(c)) for c in columns))
+            table.add_row(*(_fmt(row.get(c)) for c in columns), style="red" if row.get("noise") else None)
         console.print(table)
 
 
-def write_results(results: Sequence[SuiteResult], env: dict, out_dir: Path) -> dict[str, Path]:
-    """Write JSON, CSV and the scaling plot; returns the paths written."""
+def noisy_rows(results: Sequence[SuiteResult]) -> list[dict]:
+    """Rows a suite flagged (a truthy ``noise`` field)."""
+    return [row for r in results for row in r.rows if row.get("noise")]
+
+
+def noise_warning(results: Sequence[SuiteResult]) -> str | None:
+    """One line saying how many figures are unreliable and what to do, or None when none is flagged."""
+    flagged = noisy_rows(results)
+    if not flagged:
+        return None
+    suites = sorted({row.get("suite", "?") for row in flagged})
+    return (
+        f"{len(flagged)} of {sum(len(r.rows) for r in results)} rows flagged as noisy ({', '.join(suites)}; "
+        "see the 'noise' column): rerun on a quiet machine before quoting them"
+    )
+
+
+def new_out_dir(env: dict, quick: bool, root: str | Path = DEFAULT_ROOT) -> Path:
+    """A directory under ``root`` that does not exist yet, named from the run's UTC timestamp and device."""
+    stamp = _dt.datetime.fromisoformat(env["timestamp"]).strftime("%Y%m%dT%H%M%SZ")
+    base = Path(root) / f"{stamp}-{env['device'].replace(':', '')}{'-quick' if quick else ''}"
+    path, n = base, 1
+    while path.exists():  # two runs within one second
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def run(
+    names: Sequence[str],
+    *,
+    quick: bool,
+    device: str,
+    out_dir: str | Path | None = None,
+    show_progress: bool = True,
+    console=None,
+) -> dict[str, Path]:
+    """Run the suites, print their tables and the noise warning, write the result files.
+
+    ``out_dir``: where to write; None (the default) makes a new ``bench-results/<timestamp>-<device>`` so
+    that one run never overwrites another. Returns the paths written (``json``, ``csv``, maybe ``plot``).
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    results = run_suites(names, quick=quick, device=device, show_progress=show_progress)
+    print_tables(results, console)
+    paths = write_results(results, environment(device), out_dir, quick=quick)
+    for kind, path in paths.items():
+        console.print(f"wrote {kind}: {path}")
+    if warning := noise_warning(results):
+        console.print(f"[bold red]warning:[/bold red] {warning}")
+    return paths
+
+
+def write_results(
+    results: Sequence[SuiteResult], env: dict, out_dir: str | Path | None = None, *, quick: bool = False
+) -> dict[str, Path]:
+    """Write JSON, CSV and the scaling plot into ``out_dir`` (None: :func:`new_out_dir`); returns the paths.
+
+    Every CSV row carries the environment's columns (machine, CPU, versions, commit, timestamp) before the
+    row's own; where a row has a column of the same name (``device``), the row's value is written.
+    """
+    out_dir = new_out_dir(env, quick) if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [row for r in results for row in r.rows]
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv"}
+    from semanticgen.benchmarks._timing import SPREAD_BOUND
+
     payload = {
         "environment": env,
         "skipped": {r.name: r.skipped for r in results if r.skipped},
+        "noise": {
+            "spread_bound": SPREAD_BOUND,
+            "flagged_rows": len(noisy_rows(results)),
+            "warning": noise_warning(results),
+        },
         "rows": rows,
     }
     tmp = paths["json"].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     os.replace(tmp, paths["json"])
-    columns: list[str] = []
+    columns: list[str] = list(env)
     for row in rows:
         columns += [k for k in row if k not in columns]
     with open(paths["csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["timestamp", "git_commit", *columns])
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({"timestamp": env["timestamp"], "git_commit": env["git_commit"], **row})
+            writer.writerow({**env, **row})
     plot = plot_attention_scaling(rows, env, out_dir / "attention_scaling.png")
     if plot is not None:
         paths["plot"] = plot

@@ -5,6 +5,8 @@
 * :class:`LatentGenerator` (stage 2): text + semantic tokens in context -> VAE latents, full or
   interleaved shifted-window attention.
 * :class:`DiTBlock`: the adaLN transformer block both generators stack (``model.blocks``).
+* :mod:`.wan`: the ``flavor="wan"`` layers (:class:`WanBlock`, :class:`WanFinalLayer`) that make both generators
+  weight-compatible with Wan 2.1 (``LatentGenerator.from_wan``, ``SemanticGenerator.from_wan``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .init import init_weights
 from .latent_generator import LatentGenerator
 from .rope import apply_rope, grid_positions, rope_axis_dims, rope_tables, token_grid
 from .semantic_generator import SemanticGenerator
+from .wan import WAN_TEXT_LEN, WanBlock, WanFinalLayer, wan_text_states
 
 __all__ = [
     "SemanticCompressor",
@@ -40,4 +43,8 @@ __all__ = [
     "grid_positions",
     "token_grid",
     "init_weights",
+    "WanBlock",
+    "WanFinalLayer",
+    "wan_text_states",
+    "WAN_TEXT_LEN",
 ]

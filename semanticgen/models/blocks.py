@@ -58,17 +58,23 @@ class DiTBlock(nn.Module):
         mlp_ratio: float = 4.0
         qk_norm: bool = True
         swin_backend: str | None = None
+        ffn_dim: int | None = None
+        """MLP width; ``None``: ``round(hidden * mlp_ratio)``."""
+        cross_attn_norm: bool = True
+        """Affine LayerNorm before cross-attention (always on in :class:`DiTBlock`; optional in Wan's block)."""
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        if not config.cross_attn_norm:
+            raise ValueError("DiTBlock: cross_attn_norm=False is a Wan-flavour option (use WanBlock)")
         c = config.hidden
         self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
         self.attn = SelfAttention(c, config.heads, qk_norm=config.qk_norm, swin_backend=config.swin_backend)
         self.norm2 = nn.LayerNorm(c, eps=1e-6)
         self.cross = CrossAttention(c, config.heads, qk_norm=config.qk_norm)
         self.norm3 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        mlp_hidden = int(round(c * config.mlp_ratio))
+        mlp_hidden = config.ffn_dim if config.ffn_dim is not None else int(round(c * config.mlp_ratio))
         self.mlp = nn.Sequential(nn.Linear(c, mlp_hidden), nn.GELU(approximate="tanh"), nn.Linear(mlp_hidden, c))
         # Learned offsets added to the shared timestep modulation: rows shift/scale/gate (attention), then MLP.
         self.modulation = nn.Parameter(torch.zeros(6, c))

@@ -16,6 +16,7 @@ from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder, patchify, unpatchify
 from .init import init_weights
 from .rope import grid_positions, rope_tables, token_grid
+from .wan import WanBlock, WanFinalLayer, build_from_wan, check_flavor, check_window
 
 ATTENTION_MODES = ("full", "swin")
 
@@ -73,6 +74,14 @@ class LatentGenerator(nn.Module):
         """Window length ``Tw`` in latent frames (a multiple of ``pt``) for ``attention="swin"``."""
         swin_backend: str | None = None
         """``backend=`` for ``swin_attention`` (``None``: fastest available for the device)."""
+        flavor: str = "semanticgen"
+        """``"semanticgen"`` (our blocks) or ``"wan"`` (Wan 2.1's blocks, weight-compatible; see
+        :meth:`from_wan`). The Wan flavour attends to every text token with no mask, as Wan does: feed it umT5
+        states zero-padded to 512 tokens (:func:`~semanticgen.models.wan.wan_text_states`)."""
+        ffn_dim: int | None = None
+        """MLP width; ``None``: ``round(hidden * mlp_ratio)``."""
+        cross_attn_norm: bool = True
+        """Affine LayerNorm on the cross-attention input (Wan's ``cross_attn_norm``; only ``"wan"`` may turn it off)."""
 
         @classmethod
         def tiny(cls) -> LatentGenerator.Config:
@@ -103,6 +112,7 @@ class LatentGenerator(nn.Module):
                 f"LatentGenerator: window must be a positive multiple of the temporal patch {patch[0]}, "
                 f"got {config.window}"
             )
+        check_flavor("LatentGenerator", config.flavor, config.qk_norm, config.cross_attn_norm)
         self.patch = patch
         self.config = dataclasses.replace(config, patch=patch)  # a list from JSON/TOML becomes the tuple it means
         self.head_dim = config.hidden // config.heads
@@ -113,15 +123,67 @@ class LatentGenerator(nn.Module):
         self.t_mod = TimestepModulation(config.hidden)
         self.text_embed = TextProjection(config.text_dim, config.hidden)
         block_cfg = DiTBlock.Config(
-            config.hidden, config.heads, config.mlp_ratio, config.qk_norm, swin_backend=config.swin_backend
+            config.hidden,
+            config.heads,
+            config.mlp_ratio,
+            config.qk_norm,
+            swin_backend=config.swin_backend,
+            ffn_dim=config.ffn_dim,
+            cross_attn_norm=config.cross_attn_norm,
         )
-        self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
-        self.final = FinalLayer(config.hidden, patch_features)
+        if config.flavor == "wan":
+            self.blocks = nn.ModuleList(WanBlock(block_cfg) for _ in range(config.depth))
+            self.final = WanFinalLayer(config.hidden, patch_features, patch)
+        else:
+            self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
+            self.final = FinalLayer(config.hidden, patch_features)
         self._layouts: dict[tuple[int, int, int, int], WindowLayout] = {}
 
     def init_weights(self) -> None:
         """Re-initialise every parameter (e.g. after ``to_empty`` on a model built on the meta device)."""
         init_weights(self)
+
+    @classmethod
+    def from_wan(
+        cls,
+        source,
+        *,
+        sem_dim: int = 8,
+        attention: str = "full",
+        window: int | None = None,
+        swin_backend: str | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> LatentGenerator:
+        """A ``flavor="wan"`` stage-2 generator holding a Wan 2.1 text-to-video transformer's weights.
+
+        With no semantic frames (``z_sem [B, 0, Ss, sem_dim]``) the model computes exactly Wan's
+        ``transformer(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text)``: Wan's timestep is
+        ``1000 * t`` for our ``t`` in [0, 1] and its velocity (``eps - x0``) is ours. The text mask is not used
+        (Wan attends to its 512 zero-padded umT5 tokens; see :func:`~semanticgen.models.wan.wan_text_states`).
+        The semantic-token embedding ``sem_embed`` is new, initialised as in a fresh model; every other
+        parameter is Wan's.
+
+        Args:
+            source: a local diffusers-format ``WanTransformer3DModel`` directory (``config.json`` plus
+                ``diffusion_pytorch_model.safetensors``, single or sharded with its ``.index.json``), or such a
+                module. Image-to-video Wan transformers are refused.
+            sem_dim: channels of the semantic tokens.
+            attention: ``"full"`` or ``"swin"``; ``window``: the swin window in latent frames (``None``: the
+                config default). A pretrained Wan was trained with full attention: swin needs fine-tuning.
+            swin_backend: ``backend=`` for ``swin_attention``.
+            dtype, device: of the parameters (default: the default dtype, CPU); the model is built on the meta
+                device and materialised once.
+
+        Raises:
+            ValueError: the source is not a text-to-video Wan transformer (its ``_class_name``, a missing,
+                unexpected or mis-shaped tensor, named), or ``window`` is not a positive int.
+        """
+        check_window(window)
+        fields = {"sem_dim": sem_dim, "attention": attention, "swin_backend": swin_backend}
+        if window is not None:
+            fields["window"] = window
+        return build_from_wan(cls, source, fields, new=("sem_embed.",), dtype=dtype, device=device)
 
     def window_layout(self, vae_frames: int, vae_tokens: int, sem_frames: int, sem_tokens: int) -> WindowLayout:
         """The (cached) :class:`WindowLayout` of a sequence shape; its index maps are reused across calls.

@@ -12,6 +12,7 @@ from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder
 from .init import init_weights
 from .rope import grid_positions, rope_tables, token_grid
+from .wan import WanBlock, WanFinalLayer, build_from_wan, check_flavor
 
 
 class SemanticGenerator(nn.Module):
@@ -45,6 +46,14 @@ class SemanticGenerator(nn.Module):
         rope_theta: float = 10000.0
         grid_aspect: float = 9 / 16
         """Height / width of the frames the semantic tokens come from, used to lay ``Ss`` on a grid."""
+        flavor: str = "semanticgen"
+        """``"semanticgen"`` (our blocks) or ``"wan"`` (Wan 2.1's blocks; see :meth:`from_wan`). The Wan flavour
+        attends to every text token with no mask, as Wan does: feed it umT5 states zero-padded to 512 tokens
+        (:func:`~semanticgen.models.wan.wan_text_states`)."""
+        ffn_dim: int | None = None
+        """MLP width; ``None``: ``round(hidden * mlp_ratio)``."""
+        cross_attn_norm: bool = True
+        """Affine LayerNorm on the cross-attention input (only ``"wan"`` may turn it off)."""
 
         @classmethod
         def tiny(cls) -> SemanticGenerator.Config:
@@ -55,18 +64,70 @@ class SemanticGenerator(nn.Module):
         self.config = config
         if config.hidden % config.heads:
             raise ValueError(f"SemanticGenerator: hidden={config.hidden} must be divisible by heads={config.heads}")
+        check_flavor("SemanticGenerator", config.flavor, config.qk_norm, config.cross_attn_norm)
         self.head_dim = config.hidden // config.heads
         self.x_embed = nn.Linear(config.dim, config.hidden)
         self.t_embed = TimestepEmbedder(config.hidden)
         self.t_mod = TimestepModulation(config.hidden)
         self.text_embed = TextProjection(config.text_dim, config.hidden)
-        block_cfg = DiTBlock.Config(config.hidden, config.heads, config.mlp_ratio, config.qk_norm)
-        self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
-        self.final = FinalLayer(config.hidden, config.dim)
+        block_cfg = DiTBlock.Config(
+            config.hidden,
+            config.heads,
+            config.mlp_ratio,
+            config.qk_norm,
+            ffn_dim=config.ffn_dim,
+            cross_attn_norm=config.cross_attn_norm,
+        )
+        if config.flavor == "wan":
+            self.blocks = nn.ModuleList(WanBlock(block_cfg) for _ in range(config.depth))
+            self.final = WanFinalLayer(config.hidden, config.dim)
+        else:
+            self.blocks = nn.ModuleList(DiTBlock(block_cfg) for _ in range(config.depth))
+            self.final = FinalLayer(config.hidden, config.dim)
 
     def init_weights(self) -> None:
         """Re-initialise every parameter (e.g. after ``to_empty`` on a model built on the meta device)."""
         init_weights(self)
+
+    @classmethod
+    def from_wan(
+        cls,
+        source,
+        *,
+        sem_dim: int = 8,
+        grid_aspect: float = 9 / 16,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> SemanticGenerator:
+        """A ``flavor="wan"`` stage-1 generator whose blocks and condition embedders are a Wan 2.1 transformer's.
+
+        Loaded from Wan: every block, the timestep embedder and shared modulation, the text projection and the
+        output layer's ``[2, C]`` modulation table. New (Wan has no semantic tokens): the input projection
+        ``x_embed`` and the output projection ``final.linear``, initialised as in a fresh model (the output
+        projection at zero, so the initial velocity is 0). Wan's patch embedding and ``proj_out`` are not used.
+        Wan's text convention applies: no text mask, umT5 states zero-padded to 512 tokens.
+
+        Args:
+            source: a local diffusers-format ``WanTransformer3DModel`` directory or module (text-to-video).
+            sem_dim: channels of a semantic token (the compressor's ``dim``).
+            grid_aspect: height / width of the frames the semantic tokens come from.
+            dtype, device: of the parameters (default: the default dtype, CPU).
+
+        Raises:
+            ValueError: the source is not a text-to-video Wan transformer (the first missing, unexpected or
+                mis-shaped tensor is named).
+        """
+        return build_from_wan(
+            cls,
+            source,
+            {"dim": sem_dim, "grid_aspect": grid_aspect},
+            new=("x_embed.", "final.linear."),
+            replaced=("patch_embedding.", "proj_out."),
+            stem=False,
+            output=False,
+            dtype=dtype,
+            device=device,
+        )
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Predict the flow velocity.

@@ -1,0 +1,257 @@
+"""Wan 2.1 weight compatibility: generators built from a tiny random diffusers ``WanTransformer3DModel``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from semanticgen.models import LatentGenerator, SemanticGenerator
+from semanticgen.models.wan import WAN_TEXT_LEN, wan_parameter_map, wan_text_states
+
+diffusers = pytest.importorskip("diffusers")
+
+# 2 heads of 18: Wan's RoPE gives h = w = 2 * (18 // 6) = 6 channels and t = 6 (each even, as it asserts).
+TINY_WAN = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=18,
+    in_channels=4,
+    out_channels=4,
+    text_dim=20,
+    freq_dim=256,
+    ffn_dim=44,
+    num_layers=3,
+    cross_attn_norm=True,
+    rope_max_seq_len=64,
+)
+
+
+def tiny_wan(seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random Wan transformer: every parameter redrawn (zero-initialised ones included), norm gains near 1."""
+    torch.manual_seed(seed)
+    wan = diffusers.WanTransformer3DModel(**{**TINY_WAN, **overrides}).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in wan.named_parameters():
+            centre = 1.0 if "norm" in name and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2 + centre)
+    return wan
+
+
+@pytest.fixture(scope="module")
+def wan_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wan")
+    wan = tiny_wan()
+    wan.save_pretrained(path)
+    return path, wan
+
+
+def _inputs(wan, b=2, t=3, h=4, w=6, text_len=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    cfg = wan.config
+    x = torch.randn(b, cfg.in_channels, t, h, w, generator=g)
+    time = torch.rand(b, generator=g)
+    text = torch.randn(b, text_len, cfg.text_dim, generator=g)
+    return x, time, text, torch.ones(b, text_len, dtype=torch.bool)
+
+
+def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@torch.no_grad()
+def test_latent_generator_from_wan_equals_wan_fp32(wan_dir):
+    path, wan = wan_dir
+    model = LatentGenerator.from_wan(path, sem_dim=8).eval()
+    assert model.config.flavor == "wan" and model.config.depth == 3 and model.config.ffn_dim == 44
+    x, t, text, mask = _inputs(wan)
+    z_sem = torch.zeros(x.shape[0], 0, 4, 8)
+    ours = model(x, t, text, mask, z_sem)
+    ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+    assert ours.shape == ref.shape == x.shape
+    err = _max_rel(ours, ref)
+    print(f"fp32 max relative error vs diffusers: {err:.2e}")
+    assert err < 1e-5
+
+
+def _diffusers_bf16(wan: torch.nn.Module) -> torch.nn.Module:
+    """Wan in bf16 as ``from_pretrained(torch_dtype=torch.bfloat16)`` makes it: its ``_keep_in_fp32_modules`` (time
+    embedder, modulation tables, norms) stay float32 (from_pretrained itself needs accelerate for that)."""
+    wan = wan.to(torch.bfloat16)
+    keep = wan._keep_in_fp32_modules
+    for name, p in wan.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            p.data = p.data.float()
+    return wan
+
+
+@torch.no_grad()
+def test_latent_generator_from_wan_bf16_within_twice_diffusers_error(wan_dir):
+    path, wan = wan_dir
+    x, t, text, mask = _inputs(wan, seed=2)
+    ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+    wan_bf16 = _diffusers_bf16(tiny_wan())
+    ref_bf16 = wan_bf16(
+        hidden_states=x.bfloat16(), timestep=1000 * t, encoder_hidden_states=text.bfloat16(), return_dict=False
+    )[0]
+    model = LatentGenerator.from_wan(path, dtype=torch.bfloat16).eval()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ours = model(x.bfloat16(), t, text.bfloat16(), mask, torch.zeros(2, 0, 4, 8, dtype=torch.bfloat16))
+    theirs_err, our_err = _max_rel(ref_bf16, ref), _max_rel(ours, ref)
+    print(f"bf16 max relative error vs fp32 diffusers: ours {our_err:.2e}, diffusers bf16 {theirs_err:.2e}")
+    assert theirs_err > 0 and our_err <= 2 * theirs_err
+
+
+def test_from_wan_module_and_sharded_dir_load_the_same_tensors(wan_dir, tmp_path):
+    path, wan = wan_dir
+    sharded = tmp_path / "sharded"
+    wan.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    a = LatentGenerator.from_wan(path)
+    b = LatentGenerator.from_wan(sharded)
+    c = LatentGenerator.from_wan(wan)
+    source = wan.state_dict()
+    for name, (wan_name, _) in wan_parameter_map(a).items():
+        expected = source[wan_name].reshape(dict(a.named_parameters())[name].shape)
+        for m in (a, b, c):
+            assert torch.equal(dict(m.named_parameters())[name], expected), name
+    # The only parameters Wan does not provide: the semantic-token embedding, initialised like a fresh model's.
+    assert set(dict(a.named_parameters())) - set(wan_parameter_map(a)) == {"sem_embed.weight", "sem_embed.bias"}
+    assert a.sem_embed.weight.std() > 0 and not torch.equal(a.sem_embed.weight, b.sem_embed.weight)
+
+
+@torch.no_grad()
+def test_from_wan_semantic_frames_change_the_output_and_swin_runs(wan_dir):
+    path, wan = wan_dir
+    model = LatentGenerator.from_wan(path, sem_dim=8, attention="swin", window=2).eval()
+    full = LatentGenerator.from_wan(path, sem_dim=8).eval()
+    full.sem_embed.load_state_dict(model.sem_embed.state_dict())
+    x, t, text, mask = _inputs(wan, t=4)
+    z_sem = torch.randn(2, 2, 3, 8)
+    out = model(x, t, text, mask, z_sem)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.allclose(out, full(x, t, text, mask, z_sem))
+    assert not torch.allclose(full(x, t, text, mask, z_sem), full(x, t, text, mask, z_sem[:, :0]))
+
+
+@torch.no_grad()
+def test_wan_flavour_attends_to_padded_text_like_wan(wan_dir):
+    path, wan = wan_dir
+    model = LatentGenerator.from_wan(path).eval()
+    x, t, text, _ = _inputs(wan)
+    mask = torch.zeros(2, text.shape[1], dtype=torch.bool)
+    mask[0, :3] = mask[1, :5] = True
+    padded = wan_text_states(text, mask)
+    assert padded.shape == (2, WAN_TEXT_LEN, text.shape[2])
+    assert torch.equal(padded[0, :3], text[0, :3]) and not padded[0, 3:].any()
+    full_mask = torch.ones(2, WAN_TEXT_LEN, dtype=torch.bool)
+    ours = model(x, t, padded, full_mask, torch.zeros(2, 0, 1, 8))
+    ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=padded, return_dict=False)[0]
+    assert _max_rel(ours, ref) < 1e-5
+
+
+def test_semantic_generator_from_wan_loads_blocks_and_embedders(wan_dir):
+    path, wan = wan_dir
+    model = SemanticGenerator.from_wan(path, sem_dim=8)
+    assert model.config.flavor == "wan" and model.config.dim == 8
+    source = wan.state_dict()
+    params = dict(model.named_parameters())
+    mapping = wan_parameter_map(model, stem=False, output=False)
+    loaded = {n for n in mapping}
+    for name, (wan_name, _) in mapping.items():
+        assert torch.equal(params[name], source[wan_name].reshape(params[name].shape)), name
+    assert {n for n in params if n.startswith("blocks.")} <= loaded
+    assert {"t_embed.mlp.0.weight", "t_mod.proj.1.weight", "text_embed.mlp.2.bias", "final.modulation"} <= loaded
+    # New: the semantic-token input and output projections, initialised as a fresh SemanticGenerator's.
+    assert set(params) - loaded == {"x_embed.weight", "x_embed.bias", "final.linear.weight", "final.linear.bias"}
+    assert params["x_embed.weight"].std() > 0 and not params["final.linear.weight"].any()
+    x = torch.randn(2, 3, 6, 8)
+    t, text = torch.rand(2), torch.randn(2, 5, wan.config.text_dim)
+    v = model(x, t, text, torch.ones(2, 5, dtype=torch.bool))
+    assert v.shape == x.shape and not v.any()  # zero output projection
+    with torch.no_grad():
+        torch.nn.init.normal_(model.final.linear.weight)
+    assert model(x, t, text, torch.ones(2, 5, dtype=torch.bool)).abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _copy(path, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(path, out)
+    return out
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(changes)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_from_wan_refuses_other_class(wan_dir, tmp_path):
+    bad = _copy(wan_dir[0], tmp_path)
+    _edit_config(bad, _class_name="CogVideoXTransformer3DModel")
+    with pytest.raises(ValueError, match="expected _class_name='WanTransformer3DModel'"):
+        LatentGenerator.from_wan(bad)
+
+
+def test_from_wan_refuses_image_to_video(wan_dir, tmp_path):
+    bad = _copy(wan_dir[0], tmp_path)
+    _edit_config(bad, image_dim=32, added_kv_proj_dim=36)
+    with pytest.raises(ValueError, match="image-to-video"):
+        LatentGenerator.from_wan(bad)
+    i2v = diffusers.WanTransformer3DModel(**{**TINY_WAN, "image_dim": 8, "added_kv_proj_dim": 36})
+    with pytest.raises(ValueError, match="image-to-video"):
+        SemanticGenerator.from_wan(i2v)
+
+
+def test_from_wan_names_the_missing_tensor(wan_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy(wan_dir[0], tmp_path)
+    weights = bad / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    del state["blocks.1.attn2.norm_k.weight"]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match=r"missing tensor 'blocks\.1\.attn2\.norm_k\.weight'"):
+        LatentGenerator.from_wan(bad)
+
+
+def test_from_wan_names_the_first_mis_shaped_tensor(wan_dir, tmp_path):
+    bad = _copy(wan_dir[0], tmp_path)
+    _edit_config(bad, ffn_dim=48)  # the checkpoint's FFN is 44 wide
+    first = r"tensor 'blocks\.0\.ffn\.net\.0\.proj\.weight' .* shape \[44, 36\], expected \[48, 36\]"
+    with pytest.raises(ValueError, match=first):
+        LatentGenerator.from_wan(bad)
+    bad2 = tmp_path / "fewer"
+    shutil.copytree(wan_dir[0], bad2)
+    _edit_config(bad2, num_layers=2)  # blocks.2.* would be left over
+    with pytest.raises(ValueError, match=r"holds tensor 'blocks\.2\."):
+        LatentGenerator.from_wan(bad2)
+
+
+def test_from_wan_refuses_missing_weights_and_bad_window(wan_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        LatentGenerator.from_wan(empty)
+    (empty / "config.json").write_text((wan_dir[0] / "config.json").read_text())
+    with pytest.raises(ValueError, match="safetensors"):
+        LatentGenerator.from_wan(empty)
+    with pytest.raises(TypeError, match="WanTransformer3DModel module"):
+        LatentGenerator.from_wan(torch.nn.Linear(2, 2))
+    for window in (0, -2, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="window must be a positive int"):
+            LatentGenerator.from_wan(wan_dir[0], attention="swin", window=window)
+
+
+def test_default_flavour_is_unchanged():
+    cfg = LatentGenerator.Config.tiny()
+    assert cfg.flavor == "semanticgen"
+    names = set(dict(LatentGenerator(cfg).named_parameters()))
+    assert "blocks.0.attn.qkv.weight" in names and "blocks.0.cross.null_kv" in names
+    with pytest.raises(ValueError, match="flavor must be one of"):
+        LatentGenerator(LatentGenerator.Config.tiny().__class__(flavor="wan2"))

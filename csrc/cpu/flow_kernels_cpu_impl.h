@@ -7,8 +7,8 @@
 // Elementwise ops stream their operands once with at::vec::Vectorized<float> (bf16/fp16 are
 // widened to fp32 in registers and rounded once at the store) and split the flat index range
 // across threads with at::parallel_for. A per-batch scalar (dt, guidance, t) is constant inside a
-// batch entry, so each thread walks its range in per-batch segments and broadcasts the scalar once
-// per segment. The maths itself is in csrc/include/flow_math.h, shared with the CUDA kernels.
+// batch entry: a vector inside one entry broadcasts it, a vector across entries reads it per lane
+// (ScalarLanes). The maths itself is in csrc/include/flow_math.h, shared with the CUDA kernels.
 #pragma once
 
 #if !defined(SG_CPU_VARIANT) || !defined(CPU_CAPABILITY)
@@ -40,64 +40,120 @@ using Vec = at::vec::Vectorized<float>;
 // that 2^20-element tensors still use every core.
 constexpr int64_t kGrain = 32768;
 
+// The two scalar operands of the next vector's lanes. A scalar that is one value for the whole
+// tensor is one broadcast; a per-batch one is broadcast while a vector lies inside one batch entry,
+// and read lane by lane where batch entries are shorter than a vector or one ends inside it.
+class ScalarLanes {
+ public:
+  ScalarLanes(fm::FlowScalar s0, fm::FlowScalar s1, int64_t begin, int64_t inner)
+      : s0_(s0), s1_(s1), per_batch_(s0.per_batch || s1.per_batch), cur_(begin, inner) {}
+
+  // Scalars of the `len` elements (one vector's worth or fewer) from the current position.
+  template <int64_t len>
+  void next(Vec& a, Vec& b) {
+    static_assert(len <= Vec::size());
+    if (!per_batch_) {
+      // The cursor is not moved: nothing depends on the batch entry.
+      a = Vec(s0_.at_batch(0));
+      b = Vec(s1_.at_batch(0));
+    } else if (cur_.fits(len)) {
+      a = Vec(s0_.at_batch(cur_.batch));
+      b = Vec(s1_.at_batch(cur_.batch));
+      cur_.skip(len);
+    } else if (cur_.inner == 1 && len == Vec::size()) {
+      // One batch entry per element (a 1-D tensor with one scalar per element): the scalars are a vector.
+      a = s0_.per_batch ? Vec::loadu(s0_.ptr + cur_.batch) : Vec(s0_.at_batch(0));
+      b = s1_.per_batch ? Vec::loadu(s1_.ptr + cur_.batch) : Vec(s1_.at_batch(0));
+      cur_.batch += len;
+    } else {
+      alignas(64) float la[Vec::size()], lb[Vec::size()];
+      for (int64_t j = 0; j < len; ++j) {
+        la[j] = s0_.at_batch(cur_.batch);
+        lb[j] = s1_.at_batch(cur_.batch);
+        cur_.skip(1);
+      }
+      a = Vec::loadu(la, len);
+      b = Vec::loadu(lb, len);
+    }
+  }
+
+  // Scalars of the next single element.
+  void next(float& a, float& b) {
+    a = s0_.at_batch(cur_.batch);
+    b = s1_.at_batch(cur_.batch);
+    if (per_batch_) cur_.skip(1);
+  }
+
+ private:
+  fm::FlowScalar s0_, s1_;
+  bool per_batch_;
+  fm::BatchCursor cur_;
+};
+
 // Applies `fn(inputs, s0, s1) -> outputs` (a generic lambda over float and Vec) to every element.
 // `out` may alias `in[0]` (in-place Euler steps): each element is read before it is written.
+// The loops run over the thread's whole index range whatever the batch layout: only the scalars
+// depend on it (ScalarLanes), so a 1-D tensor or one of many short batch entries streams at the
+// speed of one long row (it used to cut the range at every batch entry, and a 1-D tensor, whose
+// entries are single elements, ran every element through the scalar tail).
 template <typename scalar_t, size_t NIN, size_t NOUT, typename Fn>
 void map_elements(int64_t n, int64_t inner, const std::array<const scalar_t*, NIN>& in,
                   const std::array<scalar_t*, NOUT>& out, fm::FlowScalar s0, fm::FlowScalar s1, const Fn& fn) {
   if (n == 0) return;
+  constexpr int64_t W = Vec::size();
   at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    ScalarLanes scalars(s0, s1, begin, inner > 0 ? inner : 1);
     int64_t i = begin;
-    while (i < end) {
-      const int64_t batch = inner > 0 ? i / inner : 0;
-      const int64_t seg_end = std::min(end, inner > 0 ? (batch + 1) * inner : end);
-      const float a = s0.at_batch(batch);
-      const float b = s1.at_batch(batch);
-      const Vec va(a), vb(b);
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        // Two vectors per iteration, as the 16-bit path does: all loads of both issue before
-        // the first store.
-        constexpr int64_t W = Vec::size();
-        for (; i + 2 * W <= seg_end; i += 2 * W) {
-          std::array<Vec, NIN> x0, x1;
-          for (size_t k = 0; k < NIN; ++k) {
-            x0[k] = Vec::loadu(in[k] + i);
-            x1[k] = Vec::loadu(in[k] + i + W);
-          }
-          const std::array<Vec, NOUT> y0 = fn(x0, va, vb);
-          const std::array<Vec, NOUT> y1 = fn(x1, va, vb);
-          for (size_t k = 0; k < NOUT; ++k) {
-            y0[k].store(out[k] + i);
-            y1[k].store(out[k] + i + W);
-          }
+    Vec a0, b0, a1, b1;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      // Two vectors per iteration, as the 16-bit path does: all loads of both issue before the first store.
+      for (; i + 2 * W <= end; i += 2 * W) {
+        std::array<Vec, NIN> x0, x1;
+        for (size_t k = 0; k < NIN; ++k) {
+          x0[k] = Vec::loadu(in[k] + i);
+          x1[k] = Vec::loadu(in[k] + i + W);
         }
-        for (; i + W <= seg_end; i += W) {
-          std::array<Vec, NIN> x;
-          for (size_t k = 0; k < NIN; ++k) x[k] = Vec::loadu(in[k] + i);
-          const std::array<Vec, NOUT> y = fn(x, va, vb);
-          for (size_t k = 0; k < NOUT; ++k) y[k].store(out[k] + i);
-        }
-      } else {
-        using RVec = at::vec::Vectorized<scalar_t>;
-        for (; i + RVec::size() <= seg_end; i += RVec::size()) {
-          std::array<Vec, NIN> lo, hi;
-          for (size_t k = 0; k < NIN; ++k) {
-            auto [l, h] = at::vec::convert_to_float<scalar_t>(RVec::loadu(in[k] + i));
-            lo[k] = l;
-            hi[k] = h;
-          }
-          const std::array<Vec, NOUT> ylo = fn(lo, va, vb);
-          const std::array<Vec, NOUT> yhi = fn(hi, va, vb);
-          for (size_t k = 0; k < NOUT; ++k) at::vec::convert_from_float<scalar_t>(ylo[k], yhi[k]).store(out[k] + i);
+        scalars.next<W>(a0, b0);
+        scalars.next<W>(a1, b1);
+        const std::array<Vec, NOUT> y0 = fn(x0, a0, b0);
+        const std::array<Vec, NOUT> y1 = fn(x1, a1, b1);
+        for (size_t k = 0; k < NOUT; ++k) {
+          y0[k].store(out[k] + i);
+          y1[k].store(out[k] + i + W);
         }
       }
-      // Tail (fewer than one vector): the same maths instantiated for float, as on the GPU.
-      for (; i < seg_end; ++i) {
-        std::array<float, NIN> x;
-        for (size_t k = 0; k < NIN; ++k) x[k] = static_cast<float>(in[k][i]);
-        const std::array<float, NOUT> y = fn(x, a, b);
-        for (size_t k = 0; k < NOUT; ++k) out[k][i] = static_cast<scalar_t>(y[k]);
+      for (; i + W <= end; i += W) {
+        std::array<Vec, NIN> x;
+        for (size_t k = 0; k < NIN; ++k) x[k] = Vec::loadu(in[k] + i);
+        scalars.next<W>(a0, b0);
+        const std::array<Vec, NOUT> y = fn(x, a0, b0);
+        for (size_t k = 0; k < NOUT; ++k) y[k].store(out[k] + i);
       }
+    } else {
+      using RVec = at::vec::Vectorized<scalar_t>;
+      static_assert(RVec::size() == 2 * W);
+      for (; i + RVec::size() <= end; i += RVec::size()) {
+        std::array<Vec, NIN> lo, hi;
+        for (size_t k = 0; k < NIN; ++k) {
+          auto [l, h] = at::vec::convert_to_float<scalar_t>(RVec::loadu(in[k] + i));
+          lo[k] = l;
+          hi[k] = h;
+        }
+        scalars.next<W>(a0, b0);
+        scalars.next<W>(a1, b1);
+        const std::array<Vec, NOUT> ylo = fn(lo, a0, b0);
+        const std::array<Vec, NOUT> yhi = fn(hi, a1, b1);
+        for (size_t k = 0; k < NOUT; ++k) at::vec::convert_from_float<scalar_t>(ylo[k], yhi[k]).store(out[k] + i);
+      }
+    }
+    // Tail (fewer than one vector): the same maths instantiated for float, as on the GPU.
+    for (; i < end; ++i) {
+      float a, b;
+      scalars.next(a, b);
+      std::array<float, NIN> x;
+      for (size_t k = 0; k < NIN; ++k) x[k] = static_cast<float>(in[k][i]);
+      const std::array<float, NOUT> y = fn(x, a, b);
+      for (size_t k = 0; k < NOUT; ++k) out[k][i] = static_cast<scalar_t>(y[k]);
     }
   });
 }

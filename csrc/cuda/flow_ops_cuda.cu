@@ -107,26 +107,25 @@ __global__ void __launch_bounds__(kThreads)
     P in[Op::kIn];
 #pragma unroll
     for (int k = 0; k < Op::kIn; ++k) in[k] = reinterpret_cast<const P*>(p.in[k])[q];
-    // One 64-bit division per pack: a pack lies inside one batch entry unless it straddles a boundary
-    // (possible only when inner % kVec != 0); only then is each element's entry computed on its own.
-    float pa = a0, pb = b0;
-    bool straddles = false;
-    const int64_t first = q * kVec;
-    if (per_batch) {
-      const int64_t batch = first / inner;
-      straddles = first - batch * inner + kVec > inner;
-      pa = s0.at_batch(batch);
-      pb = s1.at_batch(batch);
-    }
+    // One 64-bit division per pack (the cursor), none per element: a pack lies inside one batch entry
+    // unless it straddles a boundary (possible only when inner % kVec != 0), and then the cursor steps
+    // through it element by element, as for a 1-D tensor with one scalar per element (inner == 1).
     float sa[kVec], sb[kVec];
+    if (!per_batch) {
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) {
-      sa[j] = pa;
-      sb[j] = pb;
-      if (straddles) {
-        const int64_t batch = (first + j) / inner;
-        sa[j] = s0.at_batch(batch);
-        sb[j] = s1.at_batch(batch);
+      for (int j = 0; j < kVec; ++j) {
+        sa[j] = a0;
+        sb[j] = b0;
+      }
+    } else {
+      fm::BatchCursor cur(q * kVec, inner);
+      const bool straddles = !cur.fits(kVec);
+      const float pa = s0.at_batch(cur.batch), pb = s1.at_batch(cur.batch);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        sa[j] = straddles ? s0.at_batch(cur.batch) : pa;
+        sb[j] = straddles ? s1.at_batch(cur.batch) : pb;
+        if (straddles) cur.skip(1);
       }
     }
     P out[Op::kOut];

@@ -104,4 +104,30 @@ struct FlowScalar {
   }
 };
 
+// Where flat element `i` sits in a tensor whose batch entries are `inner` elements long. Made with one
+// division, then moved without any: the kernels walk elements in order, and a 64-bit division per
+// element (what a tensor of many short batch entries, a 1-D one above all, used to cost) is slower
+// than the arithmetic it feeds.
+struct BatchCursor {
+  int64_t batch;
+  int64_t offset;  // in [0, inner)
+  int64_t inner;
+
+  SG_HOST_DEVICE BatchCursor(int64_t i, int64_t inner_) : batch(i / inner_), offset(0), inner(inner_) {
+    offset = i - batch * inner;
+  }
+
+  // Whether the next `len` elements all belong to batch entry `batch`.
+  SG_HOST_DEVICE bool fits(int64_t len) const { return offset + len <= inner; }
+
+  // Moves past `len` elements; `fits(len)` must hold.
+  SG_HOST_DEVICE void skip(int64_t len) {
+    offset += len;
+    if (offset == inner) {
+      offset = 0;
+      ++batch;
+    }
+  }
+};
+
 }  // namespace semanticgen::flow_math

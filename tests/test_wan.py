@@ -139,6 +139,36 @@ def test_from_wan_semantic_frames_change_the_output_and_swin_runs(wan_dir):
 
 
 @torch.no_grad()
+def test_from_wan_swin_equals_diffusers_with_swin_processors(wan_dir):
+    """Our swin mode with no semantic frames is diffusers' Wan with ``enable_swin_attention``: same windows."""
+    from semanticgen.integrations.diffusers import enable_swin_attention
+
+    path, wan = wan_dir
+    model = LatentGenerator.from_wan(path, attention="swin", window=2, swin_backend="cpu").eval()
+    x, t, text, mask = _inputs(wan, t=5)
+    ours = model(x, t, text, mask, torch.zeros(2, 0, 1, 8))
+    full = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+    handle = enable_swin_attention(wan, 2, backend="cpu")
+    try:
+        ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+    finally:
+        handle.remove()
+    assert _max_rel(ours, ref) < 1e-5 and _max_rel(ours, full) > 1e-3
+
+
+def test_wan_flavour_context_parallel_one_rank_equals_forward(wan_dir):
+    from semanticgen.parallel import ContextGroup
+
+    model = LatentGenerator.from_wan(wan_dir[0], attention="swin", window=2, swin_backend="cpu").double()
+    x, t, text, mask = (v.double() if v.is_floating_point() else v for v in _inputs(wan_dir[1], t=6))
+    z_sem = torch.randn(2, 3, 4, 8, dtype=torch.float64)
+    cp = ContextGroup(0, 1)
+    torch.testing.assert_close(
+        model.forward_gathered(x, t, text, mask, z_sem, cp), model(x, t, text, mask, z_sem), rtol=1e-12, atol=1e-12
+    )
+
+
+@torch.no_grad()
 def test_wan_flavour_attends_to_padded_text_like_wan(wan_dir):
     path, wan = wan_dir
     model = LatentGenerator.from_wan(path).eval()

@@ -1,11 +1,106 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the one place that decides whether a missing build or toolkit skips or fails.
+
+A user without the CUDA toolkit, or with a CPU-only build, gets skips that say what is missing. CI
+(``.ci/run``) sets ``SEMANTICGEN_REQUIRE_EXTENSION=1`` and ``SEMANTICGEN_REQUIRE_PTXAS=1``; then the same
+tests fail, so a broken build cannot pass as a row of skips:
+
+* ``SEMANTICGEN_REQUIRE_EXTENSION=1``: ``semanticgen._C`` must import, and carry its CUDA kernels.
+* ``SEMANTICGEN_REQUIRE_PTXAS=1``: ``ptxas`` (the Triton resource reports) and ``nvcc`` with the CUDA
+  sources (the CUDA resource reports) must be found.
+
+Test modules use the fixtures below, or import the helpers (``from conftest import require_ptxas``): pytest
+puts ``tests/`` on ``sys.path`` and registers this file as the module ``conftest``.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
+from typing import NoReturn
 
 import pytest
 import torch
+
+from semanticgen._extension import built_cuda_archs, extension_available, extension_error
+
+REQUIRE_EXTENSION = "SEMANTICGEN_REQUIRE_EXTENSION"
+REQUIRE_PTXAS = "SEMANTICGEN_REQUIRE_PTXAS"
+
+
+def required(flag: str) -> bool:
+    """Whether ``flag`` (``REQUIRE_EXTENSION`` or ``REQUIRE_PTXAS``) is set to 1 in the environment."""
+    value = os.environ.get(flag, "").strip()
+    if value not in ("", "0", "1"):
+        # A typo such as "yes" must not silently turn the requirement off.
+        raise pytest.UsageError(f"{flag} must be 0 or 1 (or unset), got {value!r}")
+    return value == "1"
+
+
+def skip_or_fail(reason: str, flag: str) -> NoReturn:
+    """Skip with ``reason``, or fail with it when ``flag`` is set (see the module docstring)."""
+    if required(flag):
+        pytest.fail(f"{reason} ({flag}=1: this is a failure, not a skip)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_extension(*, cuda: bool = False) -> None:
+    """Skip, or fail under ``SEMANTICGEN_REQUIRE_EXTENSION=1``, unless ``semanticgen._C`` imported
+    (and, with ``cuda=True``, was built with its CUDA kernels)."""
+    if not extension_available():
+        skip_or_fail(f"semanticgen._C is not built ({extension_error()})", REQUIRE_EXTENSION)
+    if cuda and not built_cuda_archs():
+        skip_or_fail("semanticgen._C was built without CUDA", REQUIRE_EXTENSION)
+
+
+def require_ptxas() -> str:
+    """Path of ``ptxas``; skips, or fails under ``SEMANTICGEN_REQUIRE_PTXAS=1``, when there is none."""
+    from semanticgen.kernel_report.ptxas import PtxasError, find_ptxas
+
+    try:
+        return find_ptxas()
+    except PtxasError as exc:
+        skip_or_fail(str(exc), REQUIRE_PTXAS)
+
+
+def require_cuda_kernel_reports(arch: str) -> list[dict]:
+    """``cuda_kernel_reports(arch)``; skips, or fails under ``SEMANTICGEN_REQUIRE_PTXAS=1``, when nvcc or
+    the CUDA sources are missing (the toolkit that also provides ptxas)."""
+    from semanticgen.kernel_report import cuda_report
+
+    try:
+        return cuda_report.cuda_kernel_reports(arch)
+    except cuda_report.CudaReportUnavailable as exc:
+        skip_or_fail(str(exc), REQUIRE_PTXAS)
+
+
+# The accuracy rule: a kernel's error against fp64 is at most twice that of the same computation in plain
+# torch at the input dtype. Only where plain torch is exact (error 0) is there a floor, and then it is
+# FLOOR_ULPS units in the last place of the output's magnitude, not a constant.
+FLOOR_ULPS = 4
+
+
+def error_bound(plain_error: float, magnitude: float, dtype: torch.dtype) -> float:
+    """Largest error the rule allows: ``2 * plain_error``, or FLOOR_ULPS ulps of ``magnitude`` (the largest
+    |fp64 value| of the output) when plain torch's error is 0."""
+    if plain_error > 0:
+        return 2 * plain_error
+    return FLOOR_ULPS * torch.finfo(dtype).eps * magnitude
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> torch.device:
+    """``cpu`` always; ``cuda`` when a GPU is present, so a GPU machine runs the same tests on its kernels."""
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA kernels run only on a GPU")
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def compiled_ops(request):
+    """Skips (or fails, see ``require_extension``) a test of the compiled ops: ``semanticgen._C`` must be
+    built, with its CUDA kernels when the test also takes ``device`` and runs on ``cuda``."""
+    cuda = "device" in request.fixturenames and request.getfixturevalue("device").type == "cuda"
+    require_extension(cuda=cuda)
 
 
 def _poisoned(factory):

@@ -1,7 +1,9 @@
 """What the compiled extension registers, and the CUDA kernels' static resource report.
 
 No GPU is needed: kernel registration is read from the dispatcher, and registers/spills come from
-compiling csrc/cuda/*.cu with nvcc (skipped, with the reason, where nvcc or the sources are absent).
+compiling csrc/cuda/*.cu with nvcc. Where ``_C``, its CUDA kernels, nvcc or the sources are absent the tests
+that need them skip with the reason, or fail under ``SEMANTICGEN_REQUIRE_EXTENSION=1`` /
+``SEMANTICGEN_REQUIRE_PTXAS=1`` (CI; see tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_cuda_kernel_reports, require_extension
 
-from semanticgen._extension import built_cuda_archs, cpu_capability, extension_available
+from semanticgen._extension import built_cuda_archs, cpu_capability
 from semanticgen.kernel_report import cuda_report
-
-pytestmark = pytest.mark.skipif(not extension_available(), reason="semanticgen._C is not built")
 
 FLOW_OPS = (
     "euler_step",
@@ -50,6 +51,7 @@ def _has_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"semanticgen::{op}", key)
 
 
+@pytest.mark.usefixtures("compiled_ops")
 @pytest.mark.parametrize("op", FLOW_OPS)
 def test_every_flow_op_has_a_cpu_kernel(op):
     assert _has_kernel(op, "CPU")
@@ -57,14 +59,12 @@ def test_every_flow_op_has_a_cpu_kernel(op):
 
 @pytest.mark.parametrize("op", FLOW_OPS)
 def test_every_flow_op_has_a_cuda_kernel_when_built_with_cuda(op):
-    if not built_cuda_archs():
-        pytest.skip("semanticgen._C was built without CUDA")
+    require_extension(cuda=True)
     assert _has_kernel(op, "CUDA")
 
 
 def test_default_build_targets_ampere_and_hopper():
-    if not built_cuda_archs():
-        pytest.skip("semanticgen._C was built without CUDA")
+    require_extension(cuda=True)
     requested = os.environ.get("SEMANTICGEN_CUDA_ARCHS")
     expected = [a.strip() for a in requested.split(";") if a.strip()] if requested else DEFAULT_ARCHS
     assert built_cuda_archs() == expected
@@ -105,17 +105,10 @@ def test_kernel_names_map_to_ops():
     assert describe(name) == ("flow_matching_loss", "partial sums, scalar (unaligned)", "float32")
 
 
-def _reports_or_skip(arch: str) -> list[dict]:
-    try:
-        return cuda_report.cuda_kernel_reports(arch)
-    except cuda_report.CudaReportUnavailable as exc:
-        pytest.skip(str(exc))
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_cuda_kernels_compile_without_spills(arch):
-    rows = _reports_or_skip(arch)
+    rows = require_cuda_kernel_reports(arch)
     ops = {r["kernel"] for r in rows}
     assert {"euler_step", "cfg_euler_step", "flow_noising", "flow_matching_loss", "flow_matching_loss_backward"} <= ops
     for row in rows:
@@ -128,6 +121,7 @@ def test_cuda_kernels_compile_without_spills(arch):
         assert len(variants) == 6, (op, variants)
 
 
+@pytest.mark.usefixtures("compiled_ops")
 def test_cpu_capability_follows_the_cpu():
     forced = os.environ.get("SEMANTICGEN_CPU_CAPABILITY")
     expected = forced or ("avx512" if cpu_has_avx512() else "avx2")
@@ -140,18 +134,21 @@ def _capability_in_subprocess(value: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.usefixtures("compiled_ops")
 def test_cpu_capability_can_be_forced_to_avx2():
     proc = _capability_in_subprocess("avx2")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "avx2"
 
 
+@pytest.mark.usefixtures("compiled_ops")
 def test_bad_cpu_capability_is_a_clear_error():
     proc = _capability_in_subprocess("sse2")
     assert proc.returncode != 0
     assert "SEMANTICGEN_CPU_CAPABILITY must be 'avx2' or 'avx512'" in proc.stderr and "'sse2'" in proc.stderr
 
 
+@pytest.mark.usefixtures("compiled_ops")
 def test_forcing_avx512_without_it_is_a_clear_error():
     if cpu_has_avx512():
         pytest.skip("this CPU has AVX-512")
@@ -196,6 +193,7 @@ def _run_variant(capability: str, path) -> dict:
     return torch.load(path)
 
 
+@pytest.mark.usefixtures("compiled_ops")
 def test_avx2_and_avx512_kernels_give_identical_results(tmp_path):
     if not cpu_has_avx512():
         pytest.skip("this CPU lacks AVX512F/BW/VL/DQ: only the AVX2 kernels can run")

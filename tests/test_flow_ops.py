@@ -1,4 +1,8 @@
-"""Fused rectified-flow ops (semanticgen.ops.flow) on CPU against fp64 formulas.
+"""Fused rectified-flow ops (semanticgen.ops.flow) against fp64 formulas, on every device here.
+
+Op tests take ``device`` (tests/conftest.py): ``cpu`` always, ``cuda`` on a GPU machine, where the CUDA
+kernels meet the same references. Without ``semanticgen._C`` they skip, or fail under
+``SEMANTICGEN_REQUIRE_EXTENSION=1`` (CI).
 
 Accuracy rule: each op must be at least as accurate (max and mean absolute error against fp64) as
 the same expression evaluated in eager torch at the input dtype. Sizes are odd on purpose (not
@@ -10,11 +14,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import error_bound
 
-from semanticgen._extension import extension_available
 from semanticgen.ops import flow
 
-pytestmark = pytest.mark.skipif(not extension_available(), reason="semanticgen._C is not built")
+pytestmark = pytest.mark.usefixtures("compiled_ops")
+
+
+@pytest.fixture(autouse=True)
+def _factories_on_device(request):
+    """Tests that take ``device`` build their tensors there: inside ``torch.device(device)`` the factory
+    functions (``torch.randn``, ``torch.tensor``, ...) default to it, so one body runs on CPU and on CUDA."""
+    if "device" not in request.fixturenames:
+        yield
+        return
+    with request.getfixturevalue("device"):
+        yield
+
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1,), (3, 37), (2, 5, 7, 11), (4, 4099)]
@@ -29,7 +45,9 @@ def _ids(value) -> str:
 
 
 def _scalar(kind: str, values: torch.Tensor, ref: torch.Tensor):
-    """dt/guidance/t in one of the accepted forms; ``values`` holds one float per batch element."""
+    """dt/guidance/t in one of the accepted forms, on ``ref``'s device; ``values`` holds one float per batch
+    element."""
+    values = values.to(ref.device)
     if kind == "float":
         return float(values[0])
     if kind == "0d":
@@ -42,7 +60,7 @@ def _scalar(kind: str, values: torch.Tensor, ref: torch.Tensor):
 def _exact(kind: str, s, ref: torch.Tensor) -> torch.Tensor:
     """The scalar operand as the kernel sees it (fp32-rounded), in fp64, shaped to broadcast."""
     if isinstance(s, float):
-        return torch.tensor(s, dtype=torch.float32).double()
+        return torch.tensor(s, dtype=torch.float32, device=ref.device).double()
     return s.to(torch.float32).double().reshape(-1, *([1] * (ref.dim() - 1)) if s.numel() > 1 else ())
 
 
@@ -66,8 +84,8 @@ def _assert_at_least_as_accurate(ours: torch.Tensor, eager: torch.Tensor, ref64:
     assert o_mean <= e_mean, f"{what}: mean error {o_mean:.3g} > eager {e_mean:.3g}"
 
 
-def _rand(shape, dtype, scale=1.0):
-    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+def _rand(shape, dtype, scale=1.0, device=None):
+    return (torch.randn(shape, dtype=torch.float64, device=device) * scale).to(dtype)
 
 
 def _batch(shape) -> int:
@@ -80,8 +98,8 @@ def _batch(shape) -> int:
 @pytest.mark.parametrize("kind", SCALAR_KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_euler_step_accuracy(dtype, shape, kind):
-    z, v = _rand(shape, dtype), _rand(shape, dtype, 3.0)
+def test_euler_step_accuracy(device, dtype, shape, kind):
+    z, v = _rand(shape, dtype, device=device), _rand(shape, dtype, 3.0, device)
     dt = _scalar(kind, -torch.rand(_batch(shape)) * 0.3 - 0.01, z)
     ref = z.double() + _exact(kind, dt, z) * v.double()
     eager = z + _eager(dt, z) * v
@@ -91,8 +109,8 @@ def test_euler_step_accuracy(dtype, shape, kind):
 @pytest.mark.parametrize("kind", SCALAR_KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_cfg_euler_step_accuracy(dtype, shape, kind):
-    z, vc, vu = _rand(shape, dtype), _rand(shape, dtype, 2.0), _rand(shape, dtype, 2.0)
+def test_cfg_euler_step_accuracy(device, dtype, shape, kind):
+    z, vc, vu = _rand(shape, dtype, device=device), _rand(shape, dtype, 2.0, device), _rand(shape, dtype, 2.0, device)
     b = _batch(shape)
     g = _scalar(kind, 1.0 + 6.0 * torch.rand(b), z)
     dt = _scalar(kind, -torch.rand(b) * 0.3 - 0.01, z)
@@ -105,8 +123,8 @@ def test_cfg_euler_step_accuracy(dtype, shape, kind):
 @pytest.mark.parametrize("kind", SCALAR_KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_flow_noising_accuracy(dtype, shape, kind):
-    z0, eps = _rand(shape, dtype, 0.5), _rand(shape, dtype)
+def test_flow_noising_accuracy(device, dtype, shape, kind):
+    z0, eps = _rand(shape, dtype, 0.5, device), _rand(shape, dtype, device=device)
     t = _scalar(kind, torch.rand(_batch(shape)), z0)
     t64 = _exact(kind, t, z0)
     z_t, u = flow.flow_noising(z0, eps, t)
@@ -117,17 +135,17 @@ def test_flow_noising_accuracy(dtype, shape, kind):
     _assert_at_least_as_accurate(u, eps - z0, eps.double() - z0.double(), "flow_noising u")
 
 
-def test_flow_noising_endpoints_are_exact():
-    z0, eps = torch.randn(3, 37), torch.randn(3, 37)
-    z_t, _ = flow.flow_noising(z0, eps, torch.tensor([0.0, 1.0, 0.0]))
+def test_flow_noising_endpoints_are_exact(device):
+    z0, eps = torch.randn(3, 37, device=device), torch.randn(3, 37, device=device)
+    z_t, _ = flow.flow_noising(z0, eps, torch.tensor([0.0, 1.0, 0.0], device=device))
     torch.testing.assert_close(z_t[0], z0[0], rtol=0, atol=0)
     torch.testing.assert_close(z_t[1], eps[1], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(1,), (3, 37), (2, 3, 32771)], ids=_ids)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_flow_matching_loss_accuracy(dtype, shape):
-    v, z0, eps = _rand(shape, dtype), _rand(shape, dtype), _rand(shape, dtype)
+def test_flow_matching_loss_accuracy(device, dtype, shape):
+    v, z0, eps = (_rand(shape, dtype, device=device) for _ in range(3))
     ref = ((v.double() - (eps.double() - z0.double())) ** 2).mean()
     loss = flow.flow_matching_loss(v, z0, eps)
     assert loss.dtype == torch.float32 and loss.shape == ()
@@ -154,34 +172,42 @@ def test_flow_matching_loss_is_deterministic_across_thread_counts():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_per_batch_scalar_equals_per_element_float(dtype):
+def test_per_batch_scalar_equals_per_element_float(device, dtype):
     # inner size 37 * 3 = 111: batch boundaries fall inside vectors of 8 and 16.
-    z, vc, vu = (_rand((5, 37, 3), dtype) for _ in range(3))
-    g, dt = 1.0 + torch.rand(5) * 4, -torch.rand(5)
+    z, vc, vu = (_rand((5, 37, 3), dtype, device=device) for _ in range(3))
+    g, dt = 1.0 + torch.rand(5, device=device) * 4, -torch.rand(5, device=device)
     got = flow.cfg_euler_step(z, vc, vu, g, dt)
     for b in range(5):
         one = flow.cfg_euler_step(z[b : b + 1], vc[b : b + 1], vu[b : b + 1], float(g[b]), float(dt[b]))
         torch.testing.assert_close(got[b : b + 1], one, rtol=0, atol=0)
 
 
-def test_non_contiguous_inputs_match_contiguous():
-    z, v, vu = (torch.randn(37, 6).t() for _ in range(3))  # [6, 37], transposed views
-    assert not z.is_contiguous()
-    dt = -torch.rand(6)
-    torch.testing.assert_close(flow.euler_step(z, v, dt), flow.euler_step(z.contiguous(), v.contiguous(), dt))
-    torch.testing.assert_close(
-        flow.cfg_euler_step(z, v, vu, 3.0, dt),
-        flow.cfg_euler_step(z.contiguous(), v.contiguous(), vu.contiguous(), 3.0, dt),
-    )
-    for a, b in zip(flow.flow_noising(z, v, dt.abs()), flow.flow_noising(z.contiguous(), v.contiguous(), dt.abs())):
-        torch.testing.assert_close(a, b)
-    torch.testing.assert_close(
-        flow.flow_matching_loss(z, v, vu), flow.flow_matching_loss(*(x.contiguous() for x in (z, v, vu)))
-    )
+def test_wrapper_copies_strided_inputs_for_the_contiguous_kernels(device):
+    """The kernels take contiguous memory only (``test_raw_ops_reject_bad_input_without_crashing``: a raw op
+    refuses a strided view), so the Python wrappers copy strided inputs first. This checks that copy: a
+    transposed view, a sliced one and one with a storage offset give bitwise the result of contiguous
+    copies (a wrapper that handed the kernel a view's storage would read its elements in the wrong order)."""
+    views = {
+        "transposed": lambda: torch.randn(37, 6, device=device).t(),
+        "every other column": lambda: torch.randn(6, 74, device=device)[:, ::2],
+        "storage offset": lambda: torch.randn(7, 37, device=device)[1:],
+    }
+    for name, make in views.items():
+        z, v, vu = make(), make(), make()
+        assert not z.is_contiguous() or z.storage_offset() > 0, name
+        c = [x.contiguous() for x in (z, v, vu)]
+        dt = -torch.rand(6, device=device)
+        torch.testing.assert_close(flow.euler_step(z, v, dt), flow.euler_step(c[0], c[1], dt), rtol=0, atol=0)
+        torch.testing.assert_close(
+            flow.cfg_euler_step(z, v, vu, 3.0, dt), flow.cfg_euler_step(*c, 3.0, dt), rtol=0, atol=0
+        )
+        for a, b in zip(flow.flow_noising(z, v, dt.abs()), flow.flow_noising(c[0], c[1], dt.abs())):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(flow.flow_matching_loss(z, v, vu), flow.flow_matching_loss(*c), rtol=0, atol=0)
 
 
-def test_empty_tensors():
-    z = torch.empty(0, 5)
+def test_empty_tensors(device):
+    z = torch.empty(0, 5, device=device)
     assert flow.euler_step(z, z, -0.1).shape == (0, 5)
     assert flow.cfg_euler_step(z, z, z, 2.0, -0.1).shape == (0, 5)
     with pytest.raises(ValueError, match="empty"):
@@ -192,7 +218,7 @@ def test_empty_tensors():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_out_writes_every_element(dtype):
+def test_out_writes_every_element(device, dtype):
     z, vc, vu = (_rand((3, 1001), dtype) for _ in range(3))
     out = torch.full_like(z, float("nan"))
     res = flow.cfg_euler_step(z, vc, vu, 4.0, torch.full((3,), -0.05), out=out)
@@ -204,7 +230,7 @@ def test_out_writes_every_element(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_flow_noising_out_writes_every_element(dtype):
+def test_flow_noising_out_writes_every_element(device, dtype):
     z0, eps, t = _rand((3, 1001), dtype), _rand((3, 1001), dtype), torch.rand(3)
     z_t, u = torch.full_like(z0, float("nan")), torch.full_like(z0, float("nan"))
     got = flow.flow_noising(z0, eps, t, out=(z_t, u))
@@ -223,7 +249,7 @@ def test_flow_noising_out_writes_every_element(dtype):
         flow.flow_noising(z0, eps, t, out=z_t)
 
 
-def test_out_may_alias_z_and_in_place_step():
+def test_out_may_alias_z_and_in_place_step(device):
     z, v, vu = torch.randn(3, 77), torch.randn(3, 77), torch.randn(3, 77)
     expect = flow.euler_step(z, v, -0.1)
     zz = z.clone()
@@ -237,7 +263,7 @@ def test_out_may_alias_z_and_in_place_step():
     torch.testing.assert_close(zz, flow.cfg_euler_step(z, v, vu, 2.5, -0.1), rtol=0, atol=0)
 
 
-def test_out_non_contiguous_and_non_contiguous_z_in_place():
+def test_out_non_contiguous_and_non_contiguous_z_in_place(device):
     z, v = torch.randn(5, 33), torch.randn(5, 33)
     out = torch.empty(33, 5).t()
     flow.euler_step(z, v, -0.2, out=out)
@@ -248,7 +274,7 @@ def test_out_non_contiguous_and_non_contiguous_z_in_place():
     torch.testing.assert_close(zt, expect, rtol=0, atol=0)
 
 
-def test_sampling_loop_with_device_timesteps_matches_float_loop():
+def test_sampling_loop_with_device_timesteps_matches_float_loop(device):
     steps, z0 = 7, torch.randn(2, 3, 37)
     ts = torch.linspace(1.0, 0.0, steps + 1)
     dts = ts[1:] - ts[:-1]
@@ -297,7 +323,7 @@ def test_bad_inputs_raise_clear_errors():
         flow.euler_step_(z.clone().requires_grad_(), v, 0.1)
 
 
-def test_raw_ops_reject_bad_input_without_crashing():
+def test_raw_ops_reject_bad_input_without_crashing(device):
     ops = torch.ops.semanticgen
     z = torch.randn(4, 10)
     with pytest.raises(RuntimeError, match="shape"):
@@ -319,7 +345,8 @@ def _grads(fn, inputs):
     out = fn(*inputs)
     outs = out if isinstance(out, tuple) else (out,)
     torch.manual_seed(1)
-    seeds = [torch.randn_like(o) for o in outs]
+    # Drawn in fp32 whatever the outputs' dtype, so the fp64 reference gets the same seeds.
+    seeds = [torch.randn_like(o, dtype=torch.float32).to(o.dtype) for o in outs]
     grads = torch.autograd.grad(outs, [x for x in inputs if isinstance(x, torch.Tensor)], seeds)
     return outs, grads
 
@@ -328,27 +355,37 @@ def _leaf(x):
     return x.detach().clone().requires_grad_()
 
 
+def _as_fp64(x):
+    return x.detach().double() if isinstance(x, torch.Tensor) else x
+
+
 def _check_grads(ours_fn, eager_fn, inputs):
+    """Outputs and gradients of the fused op within the accuracy rule (``conftest.error_bound``): at most
+    twice the error of ``eager_fn`` at the inputs' dtype, both against ``eager_fn`` in fp64."""
     ours, g_ours = _grads(ours_fn, [_leaf(x) if isinstance(x, torch.Tensor) else x for x in inputs])
     ref, g_ref = _grads(eager_fn, [_leaf(x) if isinstance(x, torch.Tensor) else x for x in inputs])
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_ours, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    exact, g_exact = _grads(eager_fn, [_leaf(_as_fp64(x)) if isinstance(x, torch.Tensor) else x for x in inputs])
+    names = [f"output {i}" for i in range(len(ours))] + [f"grad {i}" for i in range(len(g_ours))]
+    for name, a, b, e in zip(names, (*ours, *g_ours), (*ref, *g_ref), (*exact, *g_exact)):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        ours_err = (a.double() - e).abs().max().item()
+        plain_err = (b.double() - e).abs().max().item()
+        bound = error_bound(plain_err, e.abs().max().item(), a.dtype)
+        assert ours_err <= bound, f"{name}: error {ours_err:.3g} > {bound:.3g} (plain torch {plain_err:.3g})"
 
 
 def _bview(s, x):
     return s.view(-1, *([1] * (x.dim() - 1)))
 
 
-def test_euler_step_gradients():
+def test_euler_step_gradients(device):
     z, v, dt = torch.randn(3, 5, 7), torch.randn(3, 5, 7), -torch.rand(3)
     _check_grads(flow.euler_step, lambda z, v, dt: z + _bview(dt, z) * v, [z, v, dt])
     _check_grads(flow.euler_step, lambda z, v, dt: z + dt * v, [z, v, torch.tensor(-0.3)])
     _check_grads(flow.euler_step, lambda z, v, dt: z + dt * v, [z, v, -0.3])
 
 
-def test_cfg_euler_step_gradients():
+def test_cfg_euler_step_gradients(device):
     z, vc, vu = (torch.randn(3, 5, 7) for _ in range(3))
     g, dt = 1 + torch.rand(3), -torch.rand(3)
     eager = lambda z, vc, vu, g, dt: z + _bview(dt, z) * (vu + _bview(g, z) * (vc - vu))  # noqa: E731
@@ -357,7 +394,7 @@ def test_cfg_euler_step_gradients():
     _check_grads(flow.cfg_euler_step, eager_f, [z, vc, vu, 4.0, torch.tensor(-0.2)])
 
 
-def test_flow_noising_gradients():
+def test_flow_noising_gradients(device):
     z0, eps, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7), torch.rand(3)
     _check_grads(
         flow.flow_noising, lambda z0, eps, t: ((1 - _bview(t, z0)) * z0 + _bview(t, z0) * eps, eps - z0), [z0, eps, t]
@@ -365,7 +402,7 @@ def test_flow_noising_gradients():
     _check_grads(flow.flow_noising, lambda z0, eps, t: ((1 - t) * z0 + t * eps, eps - z0), [z0, eps, 0.25])
 
 
-def test_flow_noising_gradient_through_one_output():
+def test_flow_noising_gradient_through_one_output(device):
     z0, eps = _leaf(torch.randn(2, 9)), _leaf(torch.randn(2, 9))
     _, u = flow.flow_noising(z0, eps, 0.3)
     u.sum().backward()
@@ -374,7 +411,7 @@ def test_flow_noising_gradient_through_one_output():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-def test_flow_matching_loss_gradients(dtype):
+def test_flow_matching_loss_gradients(device, dtype):
     v, z0, eps = (_rand((3, 5, 71), dtype) for _ in range(3))
     leaves = [_leaf(x) for x in (v, z0, eps)]
     (3.0 * flow.flow_matching_loss(*leaves)).backward()
@@ -390,41 +427,63 @@ def test_flow_matching_loss_gradients(dtype):
 # ----------------------------------------------------------------------------- opcheck and torch.compile
 
 
-def _opcheck_samples():
+def _opcheck_samples() -> dict:
+    """label -> (op overload, args), built per test on the default device (see ``_factories_on_device``)."""
     z, v, vu = torch.randn(3, 37), torch.randn(3, 37), torch.randn(3, 37)
     dt, g, t = -torch.rand(3), 1 + torch.rand(3), torch.rand(3)
     ops = torch.ops.semanticgen
-    return [
-        (ops.euler_step.default, (z, v, dt, 0.0)),
-        (ops.euler_step.default, (z, v, None, -0.25)),
-        (ops.euler_step_out.default, (z, v, dt, 0.0, torch.empty_like(z))),
-        (ops.euler_step_.default, (z.clone(), v, None, -0.25)),
-        (ops.cfg_euler_step.default, (z, v, vu, g, 0.0, dt, 0.0)),
-        (ops.cfg_euler_step.default, (z, v, vu, None, 3.0, dt[:1].reshape(()), 0.0)),
-        (ops.cfg_euler_step_out.default, (z, v, vu, g, 0.0, None, -0.1, torch.empty_like(z))),
-        (ops.cfg_euler_step_.default, (z.clone(), v, vu, None, 3.0, dt, 0.0)),
-        (ops.flow_noising.default, (z, v, t, 0.0)),
-        (ops.flow_noising.default, (z.bfloat16(), v.bfloat16(), None, 0.7)),
-        (ops.flow_noising_out.default, (z, v, t, 0.0, torch.empty_like(z), torch.empty_like(z))),
-        (ops.flow_matching_loss.default, (z, v, vu)),
-        (ops.flow_matching_loss_backward.default, (torch.tensor(1.5), z, v, vu)),
-    ]
+    return {
+        "euler_step batch dt": (ops.euler_step.default, (z, v, dt, 0.0)),
+        "euler_step float dt": (ops.euler_step.default, (z, v, None, -0.25)),
+        "euler_step_out": (ops.euler_step_out.default, (z, v, dt, 0.0, torch.empty_like(z))),
+        "euler_step_": (ops.euler_step_.default, (z.clone(), v, None, -0.25)),
+        "cfg_euler_step batch": (ops.cfg_euler_step.default, (z, v, vu, g, 0.0, dt, 0.0)),
+        "cfg_euler_step 0-d dt": (ops.cfg_euler_step.default, (z, v, vu, None, 3.0, dt[:1].reshape(()), 0.0)),
+        "cfg_euler_step_out": (ops.cfg_euler_step_out.default, (z, v, vu, g, 0.0, None, -0.1, torch.empty_like(z))),
+        "cfg_euler_step_": (ops.cfg_euler_step_.default, (z.clone(), v, vu, None, 3.0, dt, 0.0)),
+        "flow_noising": (ops.flow_noising.default, (z, v, t, 0.0)),
+        "flow_noising bf16": (ops.flow_noising.default, (z.bfloat16(), v.bfloat16(), None, 0.7)),
+        "flow_noising_out": (ops.flow_noising_out.default, (z, v, t, 0.0, torch.empty_like(z), torch.empty_like(z))),
+        "flow_matching_loss": (ops.flow_matching_loss.default, (z, v, vu)),
+        "flow_matching_loss_backward": (ops.flow_matching_loss_backward.default, (torch.tensor(1.5), z, v, vu)),
+    }
+
+
+# The labels above, listed again so collection needs no compiled op (without _C the tests skip or fail
+# one by one instead of the module failing to import).
+OPCHECK_SAMPLES = (
+    "euler_step batch dt",
+    "euler_step float dt",
+    "euler_step_out",
+    "euler_step_",
+    "cfg_euler_step batch",
+    "cfg_euler_step 0-d dt",
+    "cfg_euler_step_out",
+    "cfg_euler_step_",
+    "flow_noising",
+    "flow_noising bf16",
+    "flow_noising_out",
+    "flow_matching_loss",
+    "flow_matching_loss_backward",
+)
 
 
 # Functional ops with an autograd formula: opcheck also runs their backward.
 _DIFFERENTIABLE = {"euler_step", "cfg_euler_step", "flow_noising", "flow_matching_loss"}
 
 
-@pytest.mark.parametrize("sample", range(len(_opcheck_samples())))
-def test_opcheck(sample):
-    op, args = _opcheck_samples()[sample]
+@pytest.mark.parametrize("sample", OPCHECK_SAMPLES)
+def test_opcheck(device, sample):
+    samples = _opcheck_samples()
+    assert set(samples) == set(OPCHECK_SAMPLES)
+    op, args = samples[sample]
     if op._name.split("::")[1] in _DIFFERENTIABLE:
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
     torch.library.opcheck(op, args)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_torch_compile_fullgraph_sampler_and_loss(backend):
+def test_torch_compile_fullgraph_sampler_and_loss(device, backend):
     def sample(z, v_cond, v_uncond, ts, guidance):
         dts = ts[1:] - ts[:-1]
         for i in range(ts.shape[0] - 1):

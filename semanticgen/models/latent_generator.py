@@ -53,6 +53,9 @@ class LatentGenerator(nn.Module):
         torch.Size([1, 4, 4, 8, 8])
     """
 
+    # How Wan weights load (semanticgen.models.wan.load_wan): all but the semantic-token embedding.
+    _WAN_LOAD = {"new": ("sem_embed.",), "replaced": (), "stem": True, "output": True}
+
     @dataclass
     class Config:
         in_channels: int = 16
@@ -183,7 +186,7 @@ class LatentGenerator(nn.Module):
         fields = {"sem_dim": sem_dim, "attention": attention, "swin_backend": swin_backend}
         if window is not None:
             fields["window"] = window
-        return build_from_wan(cls, source, fields, new=("sem_embed.",), dtype=dtype, device=device)
+        return build_from_wan(cls, source, fields, dtype=dtype, device=device)
 
     def window_layout(self, vae_frames: int, vae_tokens: int, sem_frames: int, sem_tokens: int) -> WindowLayout:
         """The (cached) :class:`WindowLayout` of a sequence shape; its index maps are reused across calls.

@@ -32,6 +32,15 @@ class SemanticGenerator(nn.Module):
         torch.Size([2, 3, 4, 4])
     """
 
+    # How Wan weights load (semanticgen.models.wan.load_wan): blocks, embedders and the output table; Wan's patch
+    # embedding and output projection are replaced by the semantic-token projections.
+    _WAN_LOAD = {
+        "new": ("x_embed.", "final.linear."),
+        "replaced": ("patch_embedding.", "proj_out."),
+        "stem": False,
+        "output": False,
+    }
+
     @dataclass
     class Config:
         dim: int = 8
@@ -117,17 +126,7 @@ class SemanticGenerator(nn.Module):
             ValueError: the source is not a text-to-video Wan transformer (the first missing, unexpected or
                 mis-shaped tensor is named).
         """
-        return build_from_wan(
-            cls,
-            source,
-            {"dim": sem_dim, "grid_aspect": grid_aspect},
-            new=("x_embed.", "final.linear."),
-            replaced=("patch_embedding.", "proj_out."),
-            stem=False,
-            output=False,
-            dtype=dtype,
-            device=device,
-        )
+        return build_from_wan(cls, source, {"dim": sem_dim, "grid_aspect": grid_aspect}, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Predict the flow velocity.

@@ -277,6 +277,7 @@ class WanSource:
     def __init__(self, source: str | Path | nn.Module) -> None:
         self._module_state: dict[str, torch.Tensor] | None = None
         self._files: dict[str, Path] = {}
+        self.bytes_read = 0
         if isinstance(source, nn.Module):
             if type(source).__name__ != WAN_CLASS_NAME or not hasattr(source, "config"):
                 raise TypeError(f"from_wan: expected a diffusers {WAN_CLASS_NAME} module, got {type(source).__name__}")
@@ -362,26 +363,75 @@ class WanSource:
     def keys(self) -> list[str]:
         return list(self._module_state if self._module_state is not None else self._files)
 
-    @contextmanager
-    def reader(self) -> Iterator[Callable[[str], torch.Tensor]]:
-        """A ``get(key) -> tensor`` that opens each shard once and reads one tensor per call."""
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the safetensors headers (no tensor data is read)."""
         if self._module_state is not None:
-            yield self._module_state.__getitem__
+            return {k: tuple(v.shape) for k, v in self._module_state.items()}
+        from safetensors import safe_open
+
+        out: dict[str, tuple[int, ...]] = {}
+        for path in sorted(set(self._files.values())):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    out[key] = tuple(f.get_slice(key).get_shape())
+        return out
+
+    @contextmanager
+    def reader(self) -> Iterator[Callable[[str, tuple[slice, ...] | None], torch.Tensor]]:
+        """A ``get(key, region)`` that reads tensor ``key``, or only ``region`` of it (one slice per dim).
+
+        Shards are opened once each and read lazily: a region reads just its bytes from the file (safetensors
+        slices), so a rank filling its own FSDP shards never holds a full tensor it does not own.
+        :attr:`bytes_read` counts what was read from files.
+        """
+        if self._module_state is not None:
+            state = self._module_state
+            yield lambda key, region=None: state[key] if region is None else state[key][region]
             return
         from safetensors import safe_open
 
         handles: dict[Path, Any] = {}
         try:
 
-            def get(key: str) -> torch.Tensor:
+            def get(key: str, region: tuple[slice, ...] | None = None) -> torch.Tensor:
                 path = self._files[key]
                 if path not in handles:
                     handles[path] = safe_open(path, framework="pt")
-                return handles[path].get_tensor(key)
+                handle = handles[path]
+                tensor = handle.get_tensor(key) if region is None else handle.get_slice(key)[region]
+                self.bytes_read += tensor.numel() * tensor.element_size()
+                return tensor
 
             yield get
         finally:
             handles.clear()
+
+
+def _local_region(param: torch.Tensor) -> tuple[slice, ...] | None:
+    """The slice of the full parameter this rank holds if ``param`` is a sharded ``DTensor``, else ``None``."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return None
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape))
+
+
+def _source_region(
+    region: tuple[slice, ...], ours: tuple[int, ...], theirs: tuple[int, ...]
+) -> tuple[slice, ...] | None:
+    """``region`` of our parameter (shape ``ours``) as a region of the Wan tensor (shape ``theirs``), or ``None``
+    when it is not one box there (then the whole tensor is read and cut)."""
+    if ours == theirs:
+        return region
+    if theirs == (1, *ours):  # Wan's [1, k, C] tables
+        return (slice(None), *region)
+    whole_rows = all(r.start == 0 and r.stop == n for r, n in zip(region[1:], ours[1:]))
+    if whole_rows and theirs[0] == ours[0]:  # the Conv3d patch weight, sharded by output channel
+        return (region[0],) + tuple(slice(None) for _ in theirs[1:])
+    return None
 
 
 def _linear(ours: str, wan: str) -> list[tuple[str, str]]:
@@ -467,22 +517,31 @@ def load_wan_weights(
     if unmapped:
         raise ValueError(f"from_wan: parameter {unmapped[0]} has no Wan source and is not new (internal error)")
     available = set(source.keys())
+    stored = source.shapes()
+    for ours, (wan, shape) in mapping.items():  # every check before any read: a bad checkpoint costs no I/O
+        if wan not in available:
+            raise ValueError(
+                f"from_wan: {source.where} is missing tensor {wan!r} (shape {list(shape)}, for {ours}); "
+                f"expected a complete {WAN_CLASS_NAME} checkpoint"
+            )
+        if stored[wan] != shape:
+            raise ValueError(
+                f"from_wan: tensor {wan!r} in {source.where} has shape {list(stored[wan])}, expected "
+                f"{list(shape)} from its config.json (for {ours})"
+            )
     with source.reader() as get:
         for ours, (wan, shape) in mapping.items():
-            if wan not in available:
-                raise ValueError(
-                    f"from_wan: {source.where} is missing tensor {wan!r} (shape {list(shape)}, for {ours}); "
-                    f"expected a complete {WAN_CLASS_NAME} checkpoint"
-                )
-            tensor = get(wan)
-            if tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"from_wan: tensor {wan!r} in {source.where} has shape {list(tensor.shape)}, expected "
-                    f"{list(shape)} from its config.json (for {ours})"
-                )
-            if not tensor.is_floating_point():
-                raise ValueError(f"from_wan: tensor {wan!r} in {source.where} is {tensor.dtype}, expected floating")
-            params[ours].copy_(tensor.reshape(params[ours].shape))
+            param = params[ours]
+            region = _local_region(param)
+            local = param if region is None else param.to_local()
+            if region is None:
+                value = get(wan).reshape(local.shape)
+            else:
+                box = _source_region(region, tuple(param.shape), shape)
+                value = get(wan, box) if box is not None else get(wan).reshape(param.shape)[region]
+            if not value.is_floating_point():
+                raise ValueError(f"from_wan: tensor {wan!r} in {source.where} is {value.dtype}, expected floating")
+            local.copy_(value.reshape(local.shape))
     used = {wan for wan, _ in mapping.values()}
     extra = sorted(
         k for k in available - used if not any(s in k for s in _IGNORED_SOURCE_KEYS) and not k.startswith(replaced)
@@ -500,29 +559,68 @@ def check_window(window: object) -> None:
         raise ValueError(f"from_wan: window must be a positive int (latent frames) or None, got {window!r}")
 
 
+def _wan_spec(model_or_cls) -> dict[str, Any]:
+    cls = model_or_cls if isinstance(model_or_cls, type) else type(model_or_cls)
+    spec = getattr(cls, "_WAN_LOAD", None)
+    if spec is None:
+        raise TypeError(f"Wan weights load into a LatentGenerator or SemanticGenerator, got {cls.__name__}")
+    return spec
+
+
+def load_wan(model: nn.Module, source: str | Path | nn.Module | WanSource) -> WanSource:
+    """Fill a ``flavor="wan"`` generator with a Wan checkpoint, in place; its parameters may be FSDP2 shards.
+
+    For a model sharded with ``fully_shard`` (parameters are ``DTensor``), each rank reads only its own slice of
+    each tensor from the safetensors files: no rank materialises a full copy of the checkpoint, and the bytes read
+    per rank (``WanSource.bytes_read``) are those of its own shards (a shard of the patch embedding or of a
+    ``[1, k, C]`` table cut along another dim is read whole and cut). Parameters Wan does not provide (the
+    semantic-token projections) are left as they are: initialise the model first.
+
+    Args:
+        model: a ``flavor="wan"`` :class:`LatentGenerator` or :class:`SemanticGenerator` whose architecture
+            matches the checkpoint's ``config.json``.
+        source: a Wan transformer directory, module, or :class:`WanSource`.
+
+    Returns:
+        The :class:`WanSource` read (its ``bytes_read`` counts the bytes read from files).
+
+    Raises:
+        ValueError: the model's architecture differs from the checkpoint's (the first differing field is named),
+            or the checkpoint is not a text-to-video Wan transformer (the first bad tensor is named).
+    """
+    spec = _wan_spec(model)
+    wan = source if isinstance(source, WanSource) else WanSource(source)
+    for key, value in wan.generator_config().items():
+        if key != "mlp_ratio" and hasattr(model.config, key) and getattr(model.config, key) != value:
+            raise ValueError(
+                f"load_wan: the model has {key}={getattr(model.config, key)!r} but {wan.where} is a Wan transformer "
+                f"with {key}={value!r}"
+            )
+    mapping = wan_parameter_map(model, stem=spec["stem"], output=spec["output"])
+    load_wan_weights(model, wan, mapping, new=spec["new"], replaced=spec["replaced"])
+    return wan
+
+
 def build_from_wan(
     cls: type,
     source: str | Path | nn.Module,
     fields: dict[str, Any],
     *,
-    new: tuple[str, ...],
-    replaced: tuple[str, ...] = (),
-    stem: bool = True,
-    output: bool = True,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> nn.Module:
     """A ``flavor="wan"`` generator of class ``cls`` holding the Wan checkpoint ``source``'s weights.
 
     The model is built on the meta device and materialised once on ``device`` in ``dtype``: no full copy of
-    randomly initialised weights is made. The submodules under ``new`` are initialised as ``cls`` initialises
-    them (``new`` are prefixes of parameter names); everything else is loaded (:func:`load_wan_weights`), and a
-    parameter that is neither is an error.
+    randomly initialised weights is made. Parameters Wan does not provide (``cls._WAN_LOAD["new"]``) are
+    initialised as ``cls`` initialises them; everything else is loaded (:func:`load_wan`), and a parameter that is
+    neither is an error.
     """
     from .init import init_weights
 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"from_wan: dtype must be a floating torch.dtype or None, got {dtype!r}")
+    _wan_spec(cls)
     wan = source if isinstance(source, WanSource) else WanSource(source)
     known = {f.name for f in dataclasses.fields(cls.Config)}
     config = cls.Config(**{k: v for k, v in wan.generator_config().items() if k in known}, **fields)
@@ -534,5 +632,5 @@ def build_from_wan(
     for name, child in model.named_children():
         if name != "blocks":
             init_weights(child)
-    load_wan_weights(model, wan, wan_parameter_map(model, stem=stem, output=output), new=new, replaced=replaced)
+    load_wan(model, wan)
     return model

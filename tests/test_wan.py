@@ -321,7 +321,7 @@ def _sharded_load_worker(rank: int, world: int, store_path: str, wan_path: str, 
             for n, p in model.named_parameters()
             if not n.startswith("sem_embed.")
         }
-        full = {n: p.full_tensor() for n, p in model.named_parameters()}
+        full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         results[rank] = dict(full=full, bytes_read=source.bytes_read, local_bytes=local_bytes)
     finally:
         dist.destroy_process_group()

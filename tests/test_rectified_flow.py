@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import error_bound
 
 from semanticgen.rectified_flow import (
     euler_sample,
@@ -15,6 +16,29 @@ from semanticgen.rectified_flow import (
     sampling_schedule,
     time_shift,
 )
+
+
+def _plain_euler(fn, noise, steps, shift, guidance=None, uncond_fn=None):
+    """The guided Euler sampler as a plain torch loop in ``noise``'s dtype (fp64: the exact reference)."""
+    times = sampling_schedule(steps, shift=shift).to(noise.dtype)
+    z = noise.clone()
+    for i in range(steps):
+        t = times[i].expand(noise.shape[0])
+        v = fn(z, t)
+        if guidance is not None:
+            vu = uncond_fn(z, t)
+            v = vu + guidance * (v - vu)
+        z = z + (times[i + 1] - times[i]) * v
+    return z
+
+
+def _assert_rule(name, ours, plain, exact):
+    """``ours`` within the accuracy rule (``conftest.error_bound``): at most twice plain torch's error at the
+    same dtype, both against fp64."""
+    ours_err = (ours.double() - exact).abs().max().item()
+    plain_err = (plain.double() - exact).abs().max().item()
+    bound = error_bound(plain_err, exact.abs().max().item(), ours.dtype)
+    assert ours_err <= bound, f"{name}: error {ours_err:.3g} > {bound:.3g} (plain torch {plain_err:.3g})"
 
 
 def test_time_shift_formula_and_fixed_points():
@@ -113,11 +137,31 @@ def test_euler_sampler_integrates_the_straight_line_field_exactly(steps, shift, 
     # the fused kernels, float64 plain torch).
     x0 = torch.randn(2, 3, 4, dtype=dtype)
     noise = torch.randn(2, 3, 4, dtype=dtype)
-    out = euler_sample(
-        lambda z, t: (z - x0) / t[:, None, None].to(dtype), noise, steps=steps, shift=shift, progress=False
-    )
-    tol = {torch.float64: 1e-12, torch.float32: 1e-5}[dtype]
-    torch.testing.assert_close(out, x0, rtol=tol, atol=tol)
+    field = lambda z, t: (z - x0.to(z.dtype)) / t[:, None, None].to(z.dtype)  # noqa: E731
+    out = euler_sample(field, noise, steps=steps, shift=shift, progress=False)
+    if dtype == torch.float64:
+        # Plain torch is what runs in fp64: there is no other computation to compare it with, so the bound
+        # is rounding: FLOOR_ULPS fp64 ulps of |x0| per step.
+        bound = error_bound(0.0, x0.abs().max().item(), dtype) * steps
+        assert (out - x0).abs().max().item() <= bound
+        return
+    # The fused step rounds once per step (an fma): it equals a loop that steps in fp64 and rounds to fp32
+    # (fp64 holds dt * v exactly; rounding the sum twice differs from once only in rare ties, none here).
+    z = noise.clone()
+    times = sampling_schedule(steps, shift=shift)
+    for i in range(steps):
+        v = field(z, times[i].expand(2))
+        z = (z.double() + (times[i + 1] - times[i]).double() * v.double()).float()
+    assert torch.equal(out, z)
+    if (steps, shift) != (3, 1.0):
+        _assert_rule("z", out, _plain_euler(field, noise, steps, shift), x0.double())
+        return
+    # Here plain torch's two roundings per step happen to cancel on this field: its error (1.49e-8) is a
+    # quarter of the once-rounded loop's, 1 fp32 ulp (checked bitwise above), so the rule cannot hold.
+    # Recorded, not loosened: the test fails if the case ever meets the rule.
+    with pytest.raises(AssertionError, match="plain torch 1.49e-08"):
+        _assert_rule("z", out, _plain_euler(field, noise, steps, shift), x0.double())
+    pytest.xfail("plain torch's roundings cancel exactly on the straight-line field at steps=3, shift=1")
 
 
 def test_euler_sampler_constant_field_and_inputs():
@@ -183,13 +227,8 @@ def test_euler_sampler_float32_fused_path_matches_plain_torch_loop():
     fn = lambda z, t: torch.tanh(z) * (1 + t[:, None, None])
     un = lambda z, t: z  # returns its input: the sampler must not update it in place underneath
     out = euler_sample(fn, noise, steps=6, shift=2.0, guidance=3.0, uncond_fn=un, progress=False)
-    times = sampling_schedule(6, shift=2.0)
-    z = noise.clone()
-    for i in range(6):
-        t = times[i].expand(2)
-        vc, vu = fn(z, t), un(z, t)
-        z = z + (times[i + 1] - times[i]) * (vu + 3.0 * (vc - vu))
-    torch.testing.assert_close(out, z, rtol=1e-5, atol=1e-6)
+    plain = _plain_euler(fn, noise, 6, 2.0, guidance=3.0, uncond_fn=un)
+    _assert_rule("z", out, plain, _plain_euler(fn, noise.double(), 6, 2.0, guidance=3.0, uncond_fn=un))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -199,12 +238,18 @@ def test_flow_matching_loss_gradient_matches_plain_torch(dtype):
     loss = flow_matching_loss(v, z0, eps)
     assert loss.dtype == torch.float32
     loss.backward()
-    v_ref = v.detach().float().requires_grad_(True)
-    ref = (v_ref - (eps.float() - z0.float())).square().mean()
-    ref.backward()
-    tol = {torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
-    torch.testing.assert_close(loss, ref, rtol=tol, atol=tol)
-    torch.testing.assert_close(v.grad.float(), v_ref.grad, rtol=tol, atol=tol)
+    assert v.grad.dtype == dtype
+
+    def plain_torch(v, z0, eps):
+        leaf = v.detach().clone().requires_grad_(True)
+        out = (leaf - (eps - z0)).square().mean()
+        out.backward()
+        return out, leaf.grad
+
+    plain_loss, plain_grad = plain_torch(v, z0, eps)
+    exact_loss, exact_grad = plain_torch(v.double(), z0.double(), eps.double())
+    _assert_rule("loss", loss, plain_loss, exact_loss)
+    _assert_rule("grad", v.grad, plain_grad, exact_grad)
 
 
 def test_docstring_examples_run():

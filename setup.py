@@ -33,6 +33,7 @@ import os
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STANDARD_CUDA_PREFIX = "/usr/local/cuda"
@@ -180,6 +181,31 @@ class BuildExtensionPerIsa(cpp_extension.BuildExtension):
             self.compiler.compile = compile_all
 
 
+# What `semanticgen kernels` compiles to report the CUDA kernels' registers, spills and shared memory
+# (semanticgen/kernel_report/cuda_report.py): copied into the package as semanticgen/_csrc/ so that a wheel
+# install reports them without a source checkout. Paths are relative to csrc/.
+CUDA_REPORT_SOURCES = ("cuda/*.cu", "include/*.h")
+
+
+class BuildPyWithCudaSources(build_py):
+    """setuptools' build_py, plus csrc's CUDA sources and headers as ``semanticgen/_csrc`` package data.
+
+    They live outside the package directory (the extension is built from csrc/), so package_data cannot
+    name them. Editable installs skip the copy: the report reads ``<repo>/csrc`` there, which stays current.
+    """
+
+    def run(self):
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        csrc = os.path.join(HERE, "csrc")
+        for pattern in CUDA_REPORT_SOURCES:
+            for src in sorted(glob.glob(os.path.join(csrc, pattern))):
+                dst = os.path.join(self.build_lib, "semanticgen", "_csrc", os.path.relpath(src, csrc))
+                self.mkpath(os.path.dirname(dst))
+                self.copy_file(src, dst)
+
+
 # `benchmarks/` sits at the top of the repository and installs as `semanticgen.benchmarks`, so
 # `semanticgen bench` works from a wheel. (The Triton sources live in `semanticgen/kernels/`: a top-level
 # `kernels/` directory shadowed Hugging Face's `kernels` package, which `transformers` imports, whenever the
@@ -190,6 +216,6 @@ setup(
     packages=find_packages(include=["semanticgen", "semanticgen.*"]) + sorted(_TOP_LEVEL_SUBPACKAGES),
     package_dir={"semanticgen": "semanticgen", **_TOP_LEVEL_SUBPACKAGES},
     ext_modules=_extensions(),
-    cmdclass={"build_ext": BuildExtensionPerIsa},
+    cmdclass={"build_ext": BuildExtensionPerIsa, "build_py": BuildPyWithCudaSources},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},
 )

@@ -5,8 +5,9 @@ against torch's include directories and the same code-generation flags as ``setu
 resource report is parsed by :func:`semanticgen.kernel_report.ptxas.parse_ptxas_verbose`.
 
 The sources are looked up in ``$SEMANTICGEN_CSRC`` (a ``csrc`` directory), then next to the package
-(an editable install or a source checkout: ``<repo>/csrc``). nvcc is ``$CUDA_HOME/bin/nvcc``, then
-``/usr/local/cuda/bin/nvcc``, then ``nvcc`` on ``PATH``. When either is missing,
+(an editable install or a source checkout: ``<repo>/csrc``), then in the copy a wheel ships as package
+data (``semanticgen/_csrc``, written by setup.py's build_py: ``cuda/*.cu`` and ``include/*.h``).
+nvcc is ``$CUDA_HOME/bin/nvcc``, then ``/usr/local/cuda/bin/nvcc``, then ``nvcc`` on ``PATH``. When either is missing,
 :func:`cuda_kernel_reports` raises :class:`CudaReportUnavailable` saying which and how to fix it.
 
 Example::
@@ -33,6 +34,8 @@ __all__ = ["cuda_kernel_reports", "find_cuda_sources", "find_nvcc", "parse_cuda_
 STANDARD_CUDA_PREFIX = Path("/usr/local/cuda")
 # csrc/ of the source tree this package was installed from (editable install or checkout).
 REPO_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# The copy of csrc/cuda and csrc/include inside an installed wheel (setup.py's BuildPyWithCudaSources).
+PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "_csrc"
 
 # Keep in step with the nvcc flags of setup.py: the report describes the kernels that ship.
 NVCC_FLAGS = ("-O3", "-std=c++20", "--use_fast_math", "-DSEMANTICGEN_WITH_CUDA")
@@ -79,7 +82,8 @@ def find_cuda_sources() -> tuple[Path, list[Path]]:
     candidates = []
     if os.environ.get("SEMANTICGEN_CSRC"):
         candidates.append(Path(os.environ["SEMANTICGEN_CSRC"]))
-    candidates.append(REPO_CSRC)
+    # The checkout first: in an editable install it is what the extension is built from.
+    candidates += [REPO_CSRC, PACKAGED_CSRC]
     for csrc in candidates:
         sources = sorted((csrc / "cuda").glob("*.cu"))
         if sources:
@@ -87,7 +91,8 @@ def find_cuda_sources() -> tuple[Path, list[Path]]:
     raise CudaReportUnavailable(
         "CUDA kernel sources (csrc/cuda/*.cu) not found in "
         + ", ".join(str(c) for c in candidates)
-        + "; run from a source checkout (pip install -e .) or set SEMANTICGEN_CSRC to its csrc directory"
+        + "; reinstall the package (its wheel ships them as semanticgen/_csrc), run from a source checkout"
+        " (pip install -e .) or set SEMANTICGEN_CSRC to a csrc directory"
     )
 
 

@@ -288,6 +288,29 @@ def test_default_flavour_is_unchanged():
         LatentGenerator(LatentGenerator.Config.tiny().__class__(flavor="wan2"))
 
 
+def test_load_wan_sees_through_checkpoint_wrapped_blocks(wan_dir):
+    """Training wraps blocks for activation checkpointing (names gain ``_checkpoint_wrapped_module.``)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from semanticgen.models.wan import load_wan
+
+    path, _ = wan_dir
+    reference = LatentGenerator.from_wan(path)
+    model = LatentGenerator(reference.config)
+    for i, block in enumerate(model.blocks):
+        model.blocks[i] = checkpoint_wrapper(block)
+    assert "_checkpoint_wrapped_module" in next(n for n, _ in model.named_parameters() if n.startswith("blocks."))
+    load_wan(model, path)
+    model.sem_embed.load_state_dict(reference.sem_embed.state_dict())
+    x, t, text, mask = _inputs(wan_dir[1])
+    z_sem = torch.randn(2, 1, 3, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x, t, text, mask, z_sem), reference(x, t, text, mask, z_sem))
+    bad = LatentGenerator(dataclasses.replace(reference.config, heads=3))
+    with pytest.raises(ValueError, match="the model has heads=3 but .* with heads=2"):
+        load_wan(bad, path)
+
+
 # ------------------------------------------------------------------------------------------- sharded loading
 def _sharded_load_worker(rank: int, world: int, store_path: str, wan_path: str, results: dict) -> None:
     import os

@@ -438,6 +438,20 @@ def _linear(ours: str, wan: str) -> list[tuple[str, str]]:
     return [(f"{ours}.weight", f"{wan}.weight"), (f"{ours}.bias", f"{wan}.bias")]
 
 
+# Name parts that wrappers insert: activation checkpointing (checkpoint_wrapper) and torch.compile (OptimizedModule).
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model``'s parameters under their unwrapped names (a checkpointed or compiled block keeps its names)."""
+    out = {}
+    for name, param in model.named_parameters():
+        for part in _WRAPPER_PARTS:
+            name = name.replace(part, "")
+        out[name] = param
+    return out
+
+
 def wan_parameter_map(model: nn.Module, *, stem: bool = True, output: bool = True) -> dict[str, tuple[str, tuple]]:
     """Our parameter name -> ``(Wan tensor name, its shape)`` for a ``flavor="wan"`` generator.
 
@@ -460,14 +474,14 @@ def wan_parameter_map(model: nn.Module, *, stem: bool = True, output: bool = Tru
     pairs += _linear("t_mod.proj.1", f"{ce}.time_proj")
     pairs += _linear("text_embed.mlp.0", f"{ce}.text_embedder.linear_1")
     pairs += _linear("text_embed.mlp.2", f"{ce}.text_embedder.linear_2")
-    for i, block in enumerate(model.blocks):
+    for i in range(len(model.blocks)):
         b = f"blocks.{i}"
         for mine, theirs in (("attn", "attn1"), ("cross", "attn2")):
             for proj, wan_proj in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj", "to_out.0")):
                 pairs += _linear(f"{b}.{mine}.{proj}", f"{b}.{theirs}.{wan_proj}")
             pairs += [(f"{b}.{mine}.q_norm.weight", f"{b}.{theirs}.norm_q.weight")]
             pairs += [(f"{b}.{mine}.k_norm.weight", f"{b}.{theirs}.norm_k.weight")]
-        if isinstance(block.norm2, nn.LayerNorm):
+        if model.config.cross_attn_norm:
             pairs += _linear(f"{b}.norm2", f"{b}.norm2")
         pairs += _linear(f"{b}.mlp.0", f"{b}.ffn.net.0.proj")
         pairs += _linear(f"{b}.mlp.2", f"{b}.ffn.net.2")
@@ -475,7 +489,7 @@ def wan_parameter_map(model: nn.Module, *, stem: bool = True, output: bool = Tru
     pairs += [("final.modulation", "scale_shift_table")]
     if output:
         pairs += _linear("final.linear", "proj_out")
-    params = dict(model.named_parameters())
+    params = _named_parameters(model)
     out: dict[str, tuple[str, tuple]] = {}
     for ours, wan in pairs:
         shape = tuple(params[ours].shape)
@@ -512,7 +526,7 @@ def load_wan_weights(
     Raises:
         ValueError: naming the first missing or mismatching tensor, or the first unused one.
     """
-    params = dict(model.named_parameters())
+    params = _named_parameters(model)
     unmapped = [n for n in params if n not in mapping and not n.startswith(new)]
     if unmapped:
         raise ValueError(f"from_wan: parameter {unmapped[0]} has no Wan source and is not new (internal error)")

@@ -238,17 +238,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     run_dir = Path(args.checkpoint)
     if not run_dir.exists():
         raise UserError(f"--checkpoint: no such run directory or file: {run_dir}")
-    from semanticgen.train.inference import build_pipeline_from_run, run_video_fps
-    from semanticgen.video import save_video
+    # Under torchrun the ranks split stage 2 (context parallelism); see python -m semanticgen.generate.
+    from semanticgen.generate import generate
 
-    pipeline = build_pipeline_from_run(run_dir)
-    fps = args.fps if args.fps is not None else run_video_fps(run_dir)
-    frames = pipeline([args.prompt], steps=args.steps, guidance=args.guidance, seed=args.seed, progress=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_video(frames[0], out, fps=fps)
-    print(f"wrote {out} ({frames.shape[1]} frames, {frames.shape[-1]}x{frames.shape[-2]}, {fps:g} fps)")
-    return 0
+    return generate(args)
 
 
 # -------------------------------------------------------------------------------------- selftest
@@ -366,6 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=_positive_float, help="frame rate of the mp4 (default: the run's VAE-stream fps)")
+    p.add_argument(
+        "--latents-out",
+        dest="latents_out",
+        metavar="FILE.safetensors",
+        help="also save the final latents (float32); under torchrun stage 2 is split over the ranks",
+    )
     p.set_defaults(func=cmd_generate)
 
     from semanticgen.selftest import SECTIONS as SELFTEST_SECTIONS

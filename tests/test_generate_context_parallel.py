@@ -43,10 +43,11 @@ def _fake_run(root: Path, **latent_overrides) -> Path:
     return root
 
 
-def _generate(nproc: int, run: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _generate(nproc: int, run: Path, out: Path, *extra: str, module: tuple[str, ...] = ("semanticgen.generate",)):
+    """``python -m semanticgen.generate`` (or ``module``, e.g. the CLI's ``generate``) on ``nproc`` ranks."""
     args = [
         "-m",
-        "semanticgen.generate",
+        *module,
         "--checkpoint",
         str(run),
         "--prompt",
@@ -86,6 +87,11 @@ def test_cp2_latents_equal_one_process(tmp_path):
     assert a.shape == b.shape == (1, *SHAPES["latents"]) and a.dtype == torch.float32
     assert float((a - b).abs().max()) <= 1e-5
     assert not list(two.glob("*.tmp")), "a temporary file was left behind"
+    # `semanticgen generate` under torchrun takes the same path.
+    cli = tmp_path / "cli"
+    proc = _generate(2, run, cli, module=("semanticgen.cli", "generate"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert float((_latents(cli / "latents.safetensors") - a).abs().max()) <= 1e-5
 
 
 def test_cp_sampling_refuses_full_attention(tmp_path):

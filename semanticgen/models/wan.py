@@ -17,6 +17,11 @@ Embedders are already Wan's: the sinusoidal features of ``1000 * t`` (Wan's time
 shared ``SiLU -> Linear(C, 6C)`` modulation and the two-layer GELU-tanh text projection. Wan's patch embedding is a
 ``Conv3d`` with kernel = stride = patch; its weight ``[C, Cin, pt, ph, pw]`` flattened is our patch ``Linear``.
 Velocity: Wan predicts ``eps - x0``, which is our convention.
+
+Loading: ``LatentGenerator.from_wan`` / ``SemanticGenerator.from_wan`` build a model on the meta device and fill it;
+:func:`load_wan` fills an existing (possibly FSDP2-sharded) model, each rank reading only its own slices of the
+safetensors files. Text conditioning: the model does not pad; our HF text encoder with ``max_len = 512`` returns
+exactly Wan's input (umT5 states zeroed past the prompt), and :func:`wan_text_states` converts other states.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ time: each input read once and each output written once; the triad counts its 3 
 and neither counts write-allocate reads), the speedup over eager, the time ratio against the compiled
 expression, the fraction of the triad roof's GB/s measured in the same round-robin, and ``err_ulps``
 (the largest error of any output element against a float64 evaluation of the same inputs, in units in the
-last place of the output dtype: one correct rounding is <= 0.5; the loss rows: the scalar's error).
+last place, in the output dtype, of the sum of the absolute values of the expression's terms: one correct
+rounding is <= 0.5; the loss rows: the scalar's error).
 On CPU all candidates of one op are timed round-robin so background load hits them alike; on CUDA each is
 timed with CUDA events after warm-up, with L2 flushed before every call.
 
@@ -124,14 +125,17 @@ def _triad(device: str):
 _MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 
 
-def _ulp_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    """Max over elements of ``|got - ref|`` in units of the last place of ``ref`` rounded to ``got``'s dtype.
+def _ulp_err(got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """Max over elements of ``|got - ref|`` in units in the last place, in ``got``'s dtype, of ``scale``.
 
-    Per element, not relative to the largest output: a bf16 expression that rounds every intermediate
-    loses most where the result is small, which a max-abs-over-max-ref figure hides behind the large ones.
+    ``scale`` is the sum of the absolute values of the expression's terms (default ``|ref|``): where the
+    terms cancel, even one rounding of each term is many ulps of the tiny result, so an error is measured
+    against what the inputs allow (componentwise). Per element, not against the largest output, so an
+    expression that rounds every intermediate shows where the update term is large next to ``z``.
     """
     ref = ref.double()
-    _, exponent = torch.frexp(ref.abs().clamp_min(torch.finfo(got.dtype).tiny))
+    scale = ref.abs() if scale is None else scale.double()
+    _, exponent = torch.frexp(scale.clamp_min(torch.finfo(got.dtype).tiny))
     ulp = torch.ldexp(torch.ones_like(ref), exponent - 1 - _MANTISSA_BITS[got.dtype])
     return float(((got.double() - ref).abs() / ulp).max())
 
@@ -235,23 +239,30 @@ def _cases(dtype: torch.dtype, device: str) -> dict[str, tuple[int, dict, object
 
     # float64 references on the first ERR_ELEMENTS elements (all in batch row 0, so scalar g and dt apply).
     ref_cfg = z64 + DT * (b64 + GUIDANCE * (a64 - b64))
+    scale_cfg = z64.abs() + abs(DT) * (b64.abs() + GUIDANCE * (a64.abs() + b64.abs()))
+    scale_zt, scale_u = (1 - T) * z64.abs() + T * a64.abs(), a64.abs() + z64.abs()
 
     def check_cfg(fn):
         fn()
-        return _ulp_err(out.flatten()[:k], ref_cfg)
+        return _ulp_err(out.flatten()[:k], ref_cfg, scale_cfg)
 
     def check_euler(fn):
         out.copy_(z)  # the timed calls let `out` drift; restart from z so the reference applies
         fn()
-        return _ulp_err(out.flatten()[:k], z64 + DT * a64)
+        return _ulp_err(out.flatten()[:k], z64 + DT * a64, z64.abs() + abs(DT) * a64.abs())
 
     def check_noising(fn):
         fn()
-        return max(_ulp_err(out.flatten()[:k], (1 - T) * z64 + T * a64), _ulp_err(out2.flatten()[:k], a64 - z64))
+        return max(
+            _ulp_err(out.flatten()[:k], (1 - T) * z64 + T * a64, scale_zt),
+            _ulp_err(out2.flatten()[:k], a64 - z64, scale_u),
+        )
 
     def check_new_noising(fn):
         zt, u = fn()
-        return max(_ulp_err(zt.flatten()[:k], (1 - T) * z64 + T * a64), _ulp_err(u.flatten()[:k], a64 - z64))
+        return max(
+            _ulp_err(zt.flatten()[:k], (1 - T) * z64 + T * a64, scale_zt), _ulp_err(u.flatten()[:k], a64 - z64, scale_u)
+        )
 
     def check_loss(fn):
         # The whole tensor: a reduction's error depends on every element. (v - (eps - z0))^2 in float64.

@@ -12,7 +12,7 @@ Each time comes with its spread over the repeats (``ms_min``, ``ms_max``). The `
 row whose max/min exceeds ``_timing.SPREAD_BOUND``, or whose time at N is below its time at N/2: more
 tokens in windows of a fixed size cannot take less time, so such a row measured the machine's load.
 
-Run alone: ``python -m semanticgen.benchmarks.swin_attention_cpu [--quick]``.
+Run alone: ``python -m semanticgen.benchmarks.swin_attention_cpu [--quick | --long]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ from ._timing import NullProgress, add_noise, measure_interleaved, spread_fields
 HEADS, HEAD_DIM = 8, 64
 SV, SS, TW = 256, 128, 4
 # Latent frames swept at a fixed window; Ts = Tv / 8 keeps the paper's ~1:16 semantic ratio per frame.
-SWEEP_TV = (8, 16, 32, 64)
+# The default sweep stops at 8,704 tokens: full attention at 17,408 tokens (LONG_TV) costs about 3 minutes
+# of a 2-core CPU by itself (15 s per forward+backward call), which would double `semanticgen bench`.
+SWEEP_TV = (8, 16, 32)
+LONG_TV = (*SWEEP_TV, 64)
 QUICK_TV = (8, 16)
 
 # FLOPs of a backward pass relative to the forward (flash-attn's convention: 2.5x).
@@ -154,13 +157,17 @@ def _bench_case(tv: int, quick: bool, device: str, progress) -> list[dict]:
     return rows
 
 
-def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
-    """Benchmark rows (one per implementation, pass and sequence length)."""
+def _sweep(quick: bool, long: bool) -> tuple[int, ...]:
+    return QUICK_TV if quick else LONG_TV if long else SWEEP_TV
+
+
+def run(quick: bool = False, device: str = "cpu", progress=None, long: bool = False) -> list[dict]:
+    """Benchmark rows (one per implementation, pass and sequence length); ``long`` adds 17,408 tokens."""
     if not device.startswith("cpu"):
         return []  # the GPU comparison lives in swin_attention_gpu
     progress = progress or NullProgress()
     rows = []
-    for tv in QUICK_TV if quick else SWEEP_TV:
+    for tv in _sweep(quick, long):
         rows += _bench_case(tv, quick, device, progress)
     _add_growth(rows)
     return rows
@@ -179,16 +186,17 @@ def _add_growth(rows: list[dict]) -> None:
             add_noise(r, f"time fell as N doubled ({r['time_vs_half_n']:.2f}x)")
 
 
-def steps(quick: bool = False) -> int:
+def steps(quick: bool = False, long: bool = False) -> int:
     """How many progress steps :func:`run` reports."""
-    return 2 * len(QUICK_TV if quick else SWEEP_TV)
+    return 2 * len(_sweep(quick, long))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--long", action="store_true", help="add 17,408 tokens (about 3 more minutes)")
     args = parser.parse_args()
-    for row in run(quick=args.quick):
+    for row in run(quick=args.quick, long=args.long):
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()})
 
 

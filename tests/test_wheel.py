@@ -35,8 +35,17 @@ def _run(cmd: list, *, cwd: Path, env: dict, timeout: float) -> subprocess.Compl
     return proc
 
 
+# Build outputs and caches left out when the tree is copied without git.
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", "build", "dist", "*.so", "*.egg-info", "__pycache__", "bench-results", "runs"
+)
+
+
 def _copy_tree(dest: Path) -> None:
     """The working tree's tracked and untracked-but-not-ignored files (no build outputs, no .git)."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        shutil.copytree(REPO, dest, ignore=_NOT_SOURCE, dirs_exist_ok=True)
+        return
     listed = subprocess.run(
         ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         capture_output=True,
@@ -50,8 +59,6 @@ def _copy_tree(dest: Path) -> None:
 
 
 def test_wheel_works_in_a_fresh_venv_without_the_source_tree(tmp_path):
-    if shutil.which("git") is None or not (REPO / ".git").exists():
-        pytest.fail("this test builds from the git working tree; run it from a checkout with git installed")
     src, dist, venv, work = (tmp_path / d for d in ("src", "dist", "venv", "work"))
     for d in (src, work):
         d.mkdir()

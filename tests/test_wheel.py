@@ -37,7 +37,7 @@ def _run(cmd: list, *, cwd: Path, env: dict, timeout: float) -> subprocess.Compl
 
 # Build outputs and caches left out when the tree is copied without git.
 _NOT_SOURCE = shutil.ignore_patterns(
-    ".git", "build", "dist", "*.so", "*.egg-info", "__pycache__", "bench-results", "runs"
+    ".*", "build", "dist", "*.so", "*.egg-info", "__pycache__", "bench-results", "runs"
 )
 
 

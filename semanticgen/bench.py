@@ -157,11 +157,22 @@ def run_suites(names: Sequence[str], *, quick: bool, device: str, show_progress:
         sink = _RichProgress(progress, task)
         for name, module in modules.items():
             rows = module.run(quick=quick, device=device, progress=sink)
+            _flag_spread(rows)
             if not hasattr(module, "steps"):
                 sink.advance(name)
             results.append(SuiteResult(name, rows=rows, skipped=None if rows else "no rows for this device"))
     order = {n: i for i, n in enumerate(names)}
     return sorted(results, key=lambda r: order[r.name])
+
+
+def _flag_spread(rows: list[dict]) -> None:
+    """Give rows that carry ``ms_min``/``ms_max`` but no ``noise`` field (suites that record the spread without
+    judging it, e.g. the GPU attention suite) the same spread flag as the others."""
+    from semanticgen.benchmarks._timing import noise_flag
+
+    for row in rows:
+        if "noise" not in row and isinstance(row.get("ms_min"), float) and isinstance(row.get("ms_max"), float):
+            row["noise"] = noise_flag(row)
 
 
 def _fmt(value) -> str:
@@ -189,7 +200,9 @@ def print_tables(results: Sequence[SuiteResult], console=None) -> None:
             columns += [k for k in row if k not in columns and k not in skip_cols]
         table = Table(title=result.name)
         for col in columns:
-            table.add_column(col, justify="left" if col in ("impl", "op", "pass", "dtype", "case", "shape", "noise") else "right")
+            table.add_column(
+                col, justify="left" if col in ("impl", "op", "pass", "dtype", "case", "shape", "noise") else "right"
+            )
         for row in result.rows:
             table.add_row(*(_fmt(row.get(c)) for c in columns), style="red" if row.get("noise") else None)
         console.print(table)

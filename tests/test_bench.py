@@ -78,6 +78,13 @@ def test_run_without_out_dir_never_overwrites_and_warns_about_noise(tmp_path, mo
     assert explicit["json"] == tmp_path / "mine" / "results.json"
 
 
+def test_rows_with_a_spread_but_no_noise_field_are_judged_too(tmp_path, monkeypatch):
+    _fake_suites(monkeypatch, [{"suite": "attention-gpu", "ms": 2.0, "ms_min": 1.0, "ms_max": 3.0}])
+    paths = bench.run(["attention-gpu"], quick=True, device="cpu", out_dir=tmp_path, show_progress=False)
+    (row,) = json.loads(paths["json"].read_text())["rows"]
+    assert row["noise"] == "spread 3.00x > 1.5x"
+
+
 def test_quiet_run_has_no_warning(tmp_path, monkeypatch):
     _fake_suites(monkeypatch, [{"suite": "flow", "op": "x", "impl": "fused", "ms": 1.0, "noise": None}])
     from rich.console import Console

@@ -42,7 +42,8 @@ constexpr int64_t kGrain = 32768;
 
 // The two scalar operands of the next vector's lanes. A scalar that is one value for the whole
 // tensor is one broadcast; a per-batch one is broadcast while a vector lies inside one batch entry,
-// and read lane by lane where batch entries are shorter than a vector or one ends inside it.
+// loaded as a vector when every element is its own entry (inner == 1), and blended from the entries'
+// values where one or more entries end inside the vector.
 class ScalarLanes {
  public:
   ScalarLanes(fm::FlowScalar s0, fm::FlowScalar s1, int64_t begin, int64_t inner)
@@ -66,14 +67,26 @@ class ScalarLanes {
       b = s1_.per_batch ? Vec::loadu(s1_.ptr + cur_.batch) : Vec(s1_.at_batch(0));
       cur_.batch += len;
     } else {
-      alignas(64) float la[Vec::size()], lb[Vec::size()];
-      for (int64_t j = 0; j < len; ++j) {
-        la[j] = s0_.at_batch(cur_.batch);
-        lb[j] = s1_.at_batch(cur_.batch);
-        cur_.skip(1);
+      // The lanes span entries batch, batch + 1, ...: start from the first entry's value and blend each
+      // later entry into the lanes from its first one on (Vec::set takes its first `count` lanes from
+      // the second argument). A handful of blends per vector, no per-lane loads or stores.
+      int64_t batch = cur_.batch;
+      a = Vec(s0_.at_batch(batch));
+      b = Vec(s1_.at_batch(batch));
+      int64_t first = cur_.inner - cur_.offset;  // first lane of entry batch + 1
+      while (first < len) {
+        ++batch;
+        a = Vec::set(Vec(s0_.at_batch(batch)), a, first);
+        b = Vec::set(Vec(s1_.at_batch(batch)), b, first);
+        first += cur_.inner;
       }
-      a = Vec::loadu(la, len);
-      b = Vec::loadu(lb, len);
+      // Entry `batch` began at lane first - inner; the vector ends inside it, or exactly at its end.
+      cur_.batch = batch;
+      cur_.offset = len - (first - cur_.inner);
+      if (cur_.offset == cur_.inner) {
+        cur_.offset = 0;
+        ++cur_.batch;
+      }
     }
   }
 

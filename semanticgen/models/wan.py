@@ -9,7 +9,8 @@ from Wan's, the Wan flavour follows Wan:
 * cross-attention: separate q/k/v, q/k RMSNorm across heads, an affine LayerNorm on the query input when Wan's
   ``cross_attn_norm`` is set, no learned null token and **no text mask**: Wan pads the umT5 states of a prompt
   with zeros to 512 tokens and attends to all of them (:func:`wan_text_states` builds that input);
-* residual updates, the adaLN norms and the modulation in float32 (Wan's ``FP32LayerNorm`` and ``.float()`` casts);
+* residual updates, the adaLN norms and the modulation in float32 (Wan's ``FP32LayerNorm`` and ``.float()`` casts;
+  a float64 model keeps float64);
 * output layer: a learned ``[2, C]`` table added to the (un-activated) timestep embedding gives shift and scale;
   the projection's features are ordered (pt, ph, pw, C), reordered here to :func:`patchify`'s (C, pt, ph, pw).
 
@@ -165,13 +166,18 @@ class WanCrossAttention(nn.Module):
         return self.proj(_dense_attention(q, k, v).flatten(2))
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or wider: Wan's ``.float()`` casts, which would narrow a float64 model (tests) to float32."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 class _FP32LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype, returned in float32 (Wan's norms)."""
+    """LayerNorm computed in float32 (float64 stays float64) whatever the input dtype, returned so (Wan's norms)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        weight = None if self.weight is None else _wide(self.weight)
+        bias = None if self.bias is None else _wide(self.bias)
+        return F.layer_norm(_wide(x), self.normalized_shape, weight, bias, self.eps)
 
 
 class WanBlock(nn.Module):
@@ -179,7 +185,8 @@ class WanBlock(nn.Module):
 
     ``x + gate1 * SelfAttn(adaLN(norm1(x)))``, then ``x + CrossAttn(norm2(x), text)``, then
     ``x + gate2 * MLP(adaLN(norm3(x)))``, with the per-block ``[6, C]`` table added to the shared timestep
-    modulation. Norms, modulation and residual sums run in float32 and are cast back to ``x``'s dtype, as in Wan.
+    modulation. Norms, modulation and residual sums run in float32 (or float64 for a float64 model) and are cast back
+    to ``x``'s dtype, as in Wan.
     As for :class:`DiTBlock`, the table and the cross-attention output projection start at zero.
     """
 
@@ -224,13 +231,13 @@ class WanBlock(nn.Module):
 
         ``text_mask`` is not used: Wan attends to every text token (see :class:`WanCrossAttention`).
         """
-        mod = (self.modulation.float() + time_mod.float()).unsqueeze(2)  # [B, 6, 1, C]
+        mod = (_wide(self.modulation) + _wide(time_mod)).unsqueeze(2)  # [B, 6, 1, C]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(1)
         h = (self.norm1(x) * (1 + scale1) + shift1).to(x.dtype)
-        x = (x.float() + self.attn(h, cos, sin, layout, shifted) * gate1).to(x.dtype)
+        x = (_wide(x) + self.attn(h, cos, sin, layout, shifted) * gate1).to(x.dtype)
         x = x + self.cross(self.norm2(x).to(x.dtype), text)
         h = (self.norm3(x) * (1 + scale2) + shift2).to(x.dtype)
-        return (x.float() + self.mlp(h).float() * gate2).to(x.dtype)
+        return (_wide(x) + _wide(self.mlp(h)) * gate2).to(x.dtype)
 
 
 class WanFinalLayer(nn.Module):
@@ -261,7 +268,7 @@ class WanFinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """``x [B, N, C]``, ``cond [B, C]`` (timestep embedding) -> ``[B, N, out_features]``."""
-        shift, scale = (self.modulation.float() + cond.float()[:, None]).unbind(1)  # each [B, C]
+        shift, scale = (_wide(self.modulation) + _wide(cond)[:, None]).unbind(1)  # each [B, C]
         out = self.linear((self.norm(x) * (1 + scale[:, None]) + shift[:, None]).to(x.dtype))
         if self.patch == (1, 1, 1):
             return out

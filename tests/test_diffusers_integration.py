@@ -133,6 +133,9 @@ def test_enable_swin_attention_rejects_bad_arguments():
     handle.remove()
     handle.remove()  # idempotent
     enable_swin_attention(wan, 4).remove()
+    wan.blocks[1].attn1.processor._parallel_config = object()  # what diffusers' enable_parallelism sets
+    with pytest.raises(ValueError, match="context parallelism"):
+        enable_swin_attention(wan, 4)
     # A block called outside the transformer's forward has no recorded latent grid.
     processor = WanSwinAttnProcessor(_Grid(), 2, shifted=False)
     rope = (torch.ones(1, 6, 1, 12, dtype=torch.float64), torch.zeros(1, 6, 1, 12, dtype=torch.float64))

@@ -147,7 +147,8 @@ def enable_swin_attention(transformer: nn.Module, window: int, *, backend: str |
 
     Raises:
         TypeError: ``transformer`` is not a ``WanTransformer3DModel``.
-        ValueError: ``window`` is not a positive int, or swin attention is already enabled on ``transformer``.
+        ValueError: ``window`` is not a positive int, swin attention is already enabled on ``transformer``, or
+            it runs under diffusers' context parallelism.
     """
     if type(transformer).__name__ != "WanTransformer3DModel" or not isinstance(
         getattr(transformer, "blocks", None), nn.ModuleList
@@ -160,6 +161,11 @@ def enable_swin_attention(transformer: nn.Module, window: int, *, backend: str |
     previous = getattr(transformer, "_semanticgen_swin_handle", None)
     if previous is not None and previous.active:
         raise ValueError("enable_swin_attention: already enabled on this transformer; call handle.remove() first")
+    if any(getattr(block.attn1.processor, "_parallel_config", None) is not None for block in transformer.blocks):
+        raise ValueError(
+            "enable_swin_attention: this transformer uses diffusers' context parallelism, which the windowed "
+            "processor does not implement; expected a transformer without enable_parallelism"
+        )
     p_t, p_h, p_w = transformer.config.patch_size
     grid = _Grid()
 

@@ -123,6 +123,13 @@ def test_from_wan_module_and_sharded_dir_load_the_same_tensors(wan_dir, tmp_path
     # The only parameters Wan does not provide: the semantic-token embedding, initialised like a fresh model's.
     assert set(dict(a.named_parameters())) - set(wan_parameter_map(a)) == {"sem_embed.weight", "sem_embed.bias"}
     assert a.sem_embed.weight.std() > 0 and not torch.equal(a.sem_embed.weight, b.sem_embed.weight)
+    # Initialised exactly as a fresh model's: same draws from the same seed (the embedders come first in both).
+    torch.manual_seed(7)
+    loaded = LatentGenerator.from_wan(path)
+    torch.manual_seed(7)
+    fresh = LatentGenerator(loaded.config)
+    assert torch.equal(loaded.sem_embed.weight, fresh.sem_embed.weight)
+    assert torch.equal(loaded.sem_embed.bias, fresh.sem_embed.bias)
 
 
 @torch.no_grad()
@@ -200,6 +207,12 @@ def test_semantic_generator_from_wan_loads_blocks_and_embedders(wan_dir):
     # New: the semantic-token input and output projections, initialised as a fresh SemanticGenerator's.
     assert set(params) - loaded == {"x_embed.weight", "x_embed.bias", "final.linear.weight", "final.linear.bias"}
     assert params["x_embed.weight"].std() > 0 and not params["final.linear.weight"].any()
+    torch.manual_seed(7)
+    loaded = SemanticGenerator.from_wan(path, sem_dim=8)
+    torch.manual_seed(7)
+    fresh = SemanticGenerator(loaded.config)
+    assert torch.equal(loaded.x_embed.weight, fresh.x_embed.weight)
+    assert torch.equal(loaded.x_embed.bias, fresh.x_embed.bias)
     x = torch.randn(2, 3, 6, 8)
     t, text = torch.rand(2), torch.randn(2, 5, wan.config.text_dim)
     v = model(x, t, text, torch.ones(2, 5, dtype=torch.bool))

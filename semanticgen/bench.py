@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ class SuiteResult:
     name: str
     rows: list[dict] = field(default_factory=list)
     skipped: str | None = None
+    seconds: float | None = None  # wall time of the suite's run(), so the README's run time can be checked
 
 
 def best_device() -> str:
@@ -156,11 +158,14 @@ def run_suites(names: Sequence[str], *, quick: bool, device: str, show_progress:
         task = progress.add_task("benchmark", total=total)
         sink = _RichProgress(progress, task)
         for name, module in modules.items():
+            start = time.perf_counter()
             rows = module.run(quick=quick, device=device, progress=sink)
+            seconds = time.perf_counter() - start
             _flag_spread(rows)
             if not hasattr(module, "steps"):
                 sink.advance(name)
-            results.append(SuiteResult(name, rows=rows, skipped=None if rows else "no rows for this device"))
+            skipped = None if rows else "no rows for this device"
+            results.append(SuiteResult(name, rows=rows, skipped=skipped, seconds=seconds))
     order = {n: i for i, n in enumerate(names)}
     return sorted(results, key=lambda r: order[r.name])
 
@@ -258,6 +263,10 @@ def run(
     paths = write_results(results, environment(device), out_dir, quick=quick)
     for kind, path in paths.items():
         console.print(f"wrote {kind}: {path}")
+    timed = [r for r in results if r.seconds is not None]
+    console.print(
+        f"suites took {sum(r.seconds for r in timed):.0f} s: " + ", ".join(f"{r.name} {r.seconds:.0f} s" for r in timed)
+    )
     if warning := noise_warning(results):
         console.print(f"[bold red]warning:[/bold red] {warning}")
     return paths
@@ -280,6 +289,7 @@ def write_results(
     payload = {
         "environment": env,
         "skipped": {r.name: r.skipped for r in results if r.skipped},
+        "suite_seconds": {r.name: r.seconds for r in results if r.seconds is not None},
         "noise": {
             "spread_bound": SPREAD_BOUND,
             "flagged_rows": len(noisy_rows(results)),

@@ -72,6 +72,7 @@ def test_run_without_out_dir_never_overwrites_and_warns_about_noise(tmp_path, mo
         assert "-cpu-quick" in paths["json"].parent.name
     payload = json.loads(first["json"].read_text())
     assert payload["noise"]["flagged_rows"] == 1 and payload["noise"]["spread_bound"] == _timing.SPREAD_BOUND
+    assert set(payload["suite_seconds"]) == {"flow"} and payload["suite_seconds"]["flow"] >= 0
     assert "rerun on a quiet machine" in console.export_text()
 
     explicit = bench.run(["flow"], quick=False, device="cpu", out_dir=tmp_path / "mine", show_progress=False)

@@ -352,19 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="generate a video from a trained run directory")
-    p.add_argument("--checkpoint", required=True, help="run directory written by `semanticgen train`")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--out", default="demo.mp4", help="output mp4 (default: %(default)s)")
-    p.add_argument("--steps", type=_positive_int, default=20, help="Euler steps per stage (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=_positive_float, help="frame rate of the mp4 (default: the run's VAE-stream fps)")
-    p.add_argument(
-        "--latents-out",
-        dest="latents_out",
-        metavar="FILE.safetensors",
-        help="also save the final latents (float32); under torchrun stage 2 is split over the ranks",
-    )
+    # One option list for `semanticgen generate` and `python -m semanticgen.generate` (under torchrun too).
+    from semanticgen.generate import add_arguments as add_generate_arguments
+
+    add_generate_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     from semanticgen.selftest import SECTIONS as SELFTEST_SECTIONS

@@ -39,13 +39,21 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _guidance(text: str) -> float:
+    # Guidance below 1 extrapolates away from the prompt; below 0 it is a sign error, not a setting.
+    value = float(text)
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite guidance scale >= 0 (1 = no guidance), got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of ``python -m semanticgen.generate`` (and of ``semanticgen generate``)."""
     p.add_argument("--checkpoint", required=True, help="run directory written by `semanticgen train`")
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", default="demo.mp4", help="output mp4 (default: %(default)s)")
     p.add_argument("--steps", type=_positive_int, default=20, help="Euler steps per stage (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance (default: %(default)s)")
+    p.add_argument("--guidance", type=_guidance, default=3.0, help="classifier-free guidance (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=_positive_float, help="frame rate of the mp4 (default: the run's VAE-stream fps)")
     p.add_argument(

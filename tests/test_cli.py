@@ -33,6 +33,14 @@ def test_plan_json_matches_layout_maths(capsys):
     assert "561600" in text  # 360 latent frames x 1,560 tokens
 
 
+def test_generate_from_a_file_that_is_not_an_export_is_one_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1}\n')
+    proc = _run_cli("generate", "--checkpoint", str(log), "--prompt", "x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "not a safetensors export" in proc.stderr
+
+
 def test_plan_context_parallel_json_and_refusal(capsys):
     args = ["plan", "--seconds", "60", "--height", "480", "--width", "832"]
     assert main([*args, "--context-parallel", "8", "--json"]) == 0
@@ -51,8 +59,9 @@ def test_plan_context_parallel_json_and_refusal(capsys):
         (["generate", "--checkpoint", "/nonexistent/run", "--prompt", "x"], "no such run directory"),
         (["bench", "--suite", "nope"], "invalid choice"),
         (["train", "/nonexistent/config.toml"], "config"),
+        (["generate", "--checkpoint", ".", "--prompt", "x", "--guidance", "-1"], "guidance scale >= 0"),
     ],
-    ids=["plan-negative", "generate-missing-run", "bench-unknown-suite", "train-missing-config"],
+    ids=["plan-negative", "generate-missing-run", "bench-unknown-suite", "train-missing-config", "negative-guidance"],
 )
 def test_user_errors_are_one_line_without_traceback(args, needle):
     proc = _run_cli(*args)

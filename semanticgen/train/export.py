@@ -60,7 +60,7 @@ def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"export file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with _open_export(path) as f:
         raw = (f.metadata() or {}).get(META_KEY)
         if raw is None:
             raise ValueError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")
@@ -68,9 +68,19 @@ def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     return tensors, json.loads(raw)
 
 
+def _open_export(path: Path):
+    """``safe_open`` with a one-line error for a file that is not safetensors (a log, a config...)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own error type for a bad header
+        raise ValueError(
+            f"{path} is not a safetensors export ({exc}); pass a run directory or its model.safetensors"
+        ) from None
+
+
 def read_export_meta(path: str | Path) -> dict[str, Any]:
     """Only the metadata of an export (no tensors are read)."""
-    with safe_open(str(path), framework="pt") as f:
+    with _open_export(Path(path)) as f:
         raw = (f.metadata() or {}).get(META_KEY)
     if raw is None:
         raise ValueError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")

@@ -95,3 +95,11 @@ def test_missing_file_and_bad_suffix(tmp_path):
     bad.write_text("{}")
     with pytest.raises(ValueError, match=r"\.toml, \.yaml or \.yml"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("name, text", [("broken.toml", 'stage = "latent"\n[data\n'), ("broken.yaml", "a: [1, 2\n")])
+def test_a_broken_config_file_is_named_in_the_error(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"{name}: not valid (TOML|YAML)"):
+        load_config(path)

@@ -275,12 +275,18 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"config file not found: {path}")
     if path.suffix == ".toml":
         with path.open("rb") as f:
-            return tomllib.load(f)
+            try:
+                return tomllib.load(f)
+            except tomllib.TOMLDecodeError as exc:  # the parser's message names the line, not the file
+                raise ValueError(f"{path}: not valid TOML: {exc}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
         with path.open() as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as exc:
+                raise ValueError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return data

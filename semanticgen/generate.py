@@ -101,7 +101,7 @@ def generate(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from semanticgen.parallel import ContextGroup
-    from semanticgen.train.inference import build_pipeline_from_run, run_video_fps
+    from semanticgen.runs import build_pipeline_from_run, run_video_fps
 
     run_dir = Path(args.checkpoint)
     if not run_dir.exists():

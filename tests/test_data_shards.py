@@ -11,8 +11,8 @@ import torch
 from _train_helpers import REPO, SMALL, TINY, child_env, losses
 
 from semanticgen.data import Encoders, ShardDataset, ShardWriter, build_dataset, collate
-from semanticgen.data.preencode import main as preencode_main
 from semanticgen.train.config import load_config
+from semanticgen.train.preencode import main as preencode_main
 
 
 @pytest.fixture(scope="module")

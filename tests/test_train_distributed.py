@@ -179,8 +179,8 @@ def test_export_from_two_rank_checkpoint_equals_stage_export(straight_run, tmp_p
 
 
 def test_pipeline_from_run_generates_video(straight_run):
+    from semanticgen.runs import build_pipeline_from_run, load_run_models, run_video_fps
     from semanticgen.train.export import read_export
-    from semanticgen.train.inference import build_pipeline_from_run, load_run_models, run_video_fps
 
     pipe = build_pipeline_from_run(straight_run, device="cpu")
     frames = pipe(["a red square moving right"], steps=2, guidance=2.0, seed=0, progress=False)

@@ -7,7 +7,7 @@ A shard directory holds::
     shard_00000.safetensors     latents [n, C, T', H', W'], sem_features [n, Ts, Ss, d], text [n, L, D],
                                 text_mask [n, L]
 
-Shards are written by ``python -m semanticgen.data.preencode`` and read by :class:`ShardDataset`, which memory-maps
+Shards are written by ``python -m semanticgen.train preencode`` and read by :class:`ShardDataset`, which memory-maps
 them and reads one sample at a time.
 """
 
@@ -102,7 +102,7 @@ class ShardDataset(Dataset):
         index_path = self.root / INDEX
         if not index_path.is_file():
             raise FileNotFoundError(
-                f"ShardDataset: {index_path} not found; write shards with `python -m semanticgen.data.preencode`"
+                f"ShardDataset: {index_path} not found; write shards with `python -m semanticgen.train preencode`"
             )
         self.index = json.loads(index_path.read_text())
         self.num_samples = int(self.index["num_samples"])

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_main(argv[1:])
     if argv and argv[0] == "preencode":
-        from semanticgen.data.preencode import main as preencode_main
+        from .preencode import main as preencode_main
 
         return preencode_main(argv[1:])
 

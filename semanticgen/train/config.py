@@ -70,7 +70,7 @@ class DataConfig:
     """Where training clips come from and how they are shaped.
 
     ``kind``: ``"synthetic"`` (procedural moving shapes), ``"video_folder"`` (videos + captions under ``path``) or
-    ``"shards"`` (pre-encoded safetensors shards under ``path``, see ``python -m semanticgen.data.preencode``).
+    ``"shards"`` (pre-encoded safetensors shards under ``path``, see ``python -m semanticgen.train preencode``).
     ``micro_batch_size`` is per rank: the global batch of one optimizer step is
     ``micro_batch_size * world_size * grad_accum``.
     """

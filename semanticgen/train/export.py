@@ -26,10 +26,31 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator
+
 from .checkpoint import list_checkpoints
 
 META_KEY = "semanticgen"
 STAGE_MODULES = {"latent": ("latent_generator", "compressor"), "semantic": ("semantic_generator", "compressor")}
+
+
+MODEL_CLASSES = {
+    "compressor": SemanticCompressor,
+    "semantic_generator": SemanticGenerator,
+    "latent_generator": LatentGenerator,
+}
+
+
+def models_from_meta(meta: dict[str, Any]) -> dict[str, nn.Module]:
+    """Unsharded, randomly initialised models from the ``model_configs`` of a checkpoint or export's metadata."""
+    configs = meta.get("model_configs")
+    if not configs:
+        raise ValueError("metadata has no 'model_configs': not written by semanticgen.train")
+    out = {}
+    for name, values in configs.items():
+        cls = MODEL_CLASSES[name]
+        out[name] = cls(cls.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
+    return out
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -107,8 +128,6 @@ def load_stage_checkpoint_weights(ckpt_path: str | Path, modules: dict[str, nn.M
 
 def collect_run_weights(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and metadata of all models trained in ``run_dir`` (see module docstring for the sources)."""
-    from .inference import models_from_meta
-
     run_dir = Path(run_dir)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"stages": {}}

@@ -1,4 +1,8 @@
-"""Build models and the two-stage generation pipeline from a training run directory."""
+"""Read a training run directory: its trained models, its metadata and the two-stage pipeline built from them.
+
+What a user of a finished run needs (``semanticgen generate``, ``python -m semanticgen.generate``); the writing
+side (exports, checkpoints) lives in :mod:`semanticgen.train`, which this module reads through.
+"""
 
 from __future__ import annotations
 
@@ -8,32 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator
-
-MODEL_CLASSES = {
-    "compressor": SemanticCompressor,
-    "semantic_generator": SemanticGenerator,
-    "latent_generator": LatentGenerator,
-}
-
-
-def models_from_meta(meta: dict[str, Any]) -> dict[str, nn.Module]:
-    """Unsharded, randomly initialised models from the ``model_configs`` of a checkpoint or export's metadata."""
-    configs = meta.get("model_configs")
-    if not configs:
-        raise ValueError("metadata has no 'model_configs': not written by semanticgen.train")
-    out = {}
-    for name, values in configs.items():
-        cls = MODEL_CLASSES[name]
-        out[name] = cls(cls.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
-    return out
+from semanticgen.train.export import collect_run_weights, models_from_meta, read_export, read_export_meta
 
 
 def load_run_models(run_dir: str | Path) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     """Trained models of a run (``RUN_DIR/model.safetensors`` if present, else consolidated from the stage exports
     and newest checkpoints), in eval mode, and the export metadata."""
-    from .export import collect_run_weights, read_export
-
     path = Path(run_dir)
     if path.is_file():
         tensors, meta = read_export(path)
@@ -104,8 +88,7 @@ def run_video_fps(run_dir: str | Path) -> float:
 
 def run_meta(run_dir: str | Path) -> dict[str, Any]:
     """Metadata (config, model configs, shapes) of a run directory or export file, without loading weights."""
-    from .checkpoint import latest_checkpoint
-    from .export import read_export_meta
+    from semanticgen.train.checkpoint import latest_checkpoint
 
     path = Path(run_dir)
     for candidate in (path, path / "model.safetensors", path / "semantic.safetensors", path / "latent.safetensors"):

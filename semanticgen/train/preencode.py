@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m semanticgen.data.preencode CONFIG --out DIR [--shard-size 256] [--batch-size 8] [--set key=value ...]
+    python -m semanticgen.train preencode CONFIG --out DIR [--shard-size 256] [--batch-size 8] [--set key=value ...]
 
 reads ``[data]`` (``synthetic`` or ``video_folder``) and ``[encoders]`` of a training config, encodes every clip
 once in dataset order and writes ``DIR`` (see :mod:`semanticgen.data.shards`). Train on it with
@@ -18,13 +18,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .encode import Encoders
-from .loader import collate
-from .shards import ShardWriter
+from semanticgen.data import build_dataset
+from semanticgen.data.encode import Encoders
+from semanticgen.data.loader import collate
+from semanticgen.data.shards import ShardWriter
+
+from .config import load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m semanticgen.data.preencode", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m semanticgen.train preencode", description=__doc__.split("\n")[0])
     p.add_argument("config", help="training config (.toml/.yaml) whose [data] and [encoders] are used")
     p.add_argument("--out", required=True, help="output shard directory")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard file")
@@ -37,10 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from semanticgen.train.config import load_config
-
-    from . import build_dataset
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.set)

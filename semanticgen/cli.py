@@ -12,11 +12,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from semanticgen.errors import UsageError
+
 EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; printed as one line."""
+# The CLI's own name for a user mistake; anything else raised by a command is a bug and keeps its traceback.
+UserError = UsageError
 
 
 def _console():
@@ -382,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as exc:
+    except UsageError as exc:
         print(f"semanticgen {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

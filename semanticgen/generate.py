@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from semanticgen.errors import UsageError
+
 EXIT_USAGE = 2
 
 
@@ -95,7 +97,7 @@ def generate(args: argparse.Namespace) -> int:
     """Run generation for parsed ``args`` (see :func:`add_arguments`); returns the exit code.
 
     Raises:
-        ValueError, FileNotFoundError: bad arguments, run directory or a model that cannot be split over the ranks.
+        UsageError: bad arguments, a run directory that is not one, or a model that cannot be split over the ranks.
     """
     import torch
     import torch.distributed as dist
@@ -105,9 +107,9 @@ def generate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.checkpoint)
     if not run_dir.exists():
-        raise FileNotFoundError(f"--checkpoint: no such run directory or file: {run_dir}")
+        raise UsageError(f"--checkpoint: no such run directory or file: {run_dir}")
     if args.latents_out is not None and not str(args.latents_out).endswith(".safetensors"):
-        raise ValueError(f"--latents-out must end in .safetensors, got {args.latents_out!r}")
+        raise UsageError(f"--latents-out must end in .safetensors, got {args.latents_out!r}")
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
     use_cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         return generate(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except UsageError as exc:
         # The same mistake on every rank: rank 0 names it in one line.
         if rank == 0:
             print(f"semanticgen generate: error: {exc}", file=sys.stderr)

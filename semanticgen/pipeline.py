@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from semanticgen.errors import UsageError
 from semanticgen.parallel import ContextGroup
 from semanticgen.rectified_flow import euler_sample, noise_augment
 
@@ -157,7 +158,7 @@ class SemanticGenPipeline:
 
         lat_cfg = getattr(self.latent_generator, "config", None)
         if getattr(lat_cfg, "attention", None) != "swin" or not hasattr(self.latent_generator, "forward_gathered"):
-            raise ValueError(
+            raise UsageError(
                 "SemanticGenPipeline: context parallelism needs a LatentGenerator with attention='swin', got "
                 f"attention={getattr(lat_cfg, 'attention', None)!r}"
             )

@@ -21,6 +21,7 @@ import dataclasses
 import math
 from typing import Any
 
+from semanticgen.errors import UsageError
 from semanticgen.ops.swin_attention.layout import WindowLayout
 
 __all__ = ["Plan", "plan", "format_plan", "DEFAULT_WINDOW"]
@@ -82,13 +83,13 @@ class Plan:
 
 def _int(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"plan: {name} must be an int >= {minimum}, got {value!r}")
+        raise UsageError(f"plan: {name} must be an int >= {minimum}, got {value!r}")
     return value
 
 
 def _positive(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"plan: {name} must be a positive finite number, got {value!r}")
+        raise UsageError(f"plan: {name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
@@ -148,16 +149,16 @@ def plan(
         _int(name, value)
     step = vae_spatial * patch
     if height % step or width % step:
-        raise ValueError(
+        raise UsageError(
             f"plan: height and width must be multiples of vae_spatial * patch = {step}, got {height}x{width}"
         )
     if height < sem_patch / 2 or width < sem_patch / 2:
-        raise ValueError(f"plan: {height}x{width} is smaller than one semantic token ({sem_patch} px)")
+        raise UsageError(f"plan: {height}x{width} is smaller than one semantic token ({sem_patch} px)")
 
     # Frame counts are floored with a little slack so 60 s * 24 fps counts 1440 frames, not 1439.
     video_frames_available = math.floor(seconds * fps + 1e-9)
     if video_frames_available < 1:
-        raise ValueError(f"plan: {seconds:g} s at {fps:g} fps is less than one frame")
+        raise UsageError(f"plan: {seconds:g} s at {fps:g} fps is less than one frame")
     latent_frames = 1 + (video_frames_available - 1) // vae_temporal
     video_frames = 1 + (latent_frames - 1) * vae_temporal
     latent_h, latent_w = height // vae_spatial, width // vae_spatial
@@ -323,7 +324,7 @@ def plan_context_parallel(
     try:
         cp = ContextPlan.build(layout, size)
     except ValueError as exc:
-        raise ValueError(f"plan: {exc}") from None
+        raise UsageError(f"plan: {exc}") from None
     tokens = tuple(e - s for s, e in (cp.token_range(r, False) for r in range(size)))
     windows = tuple(cp.shard(r, False).num_windows(False) for r in range(size))
     moved = cp.bytes_per_layer(hidden, element_size=element_size)

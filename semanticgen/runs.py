@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from semanticgen.errors import UsageError
 from semanticgen.train.export import collect_run_weights, models_from_meta, read_export, read_export_meta
 
 
@@ -54,7 +55,7 @@ def build_pipeline_from_run(
     models, meta = load_run_models(run_dir)
     missing = [n for n in ("semantic_generator", "latent_generator") if n not in models]
     if missing:
-        raise ValueError(f"{run_dir}: the run has no trained {' or '.join(missing)}; train both stages first")
+        raise UsageError(f"{run_dir}: the run has no trained {' or '.join(missing)}; train both stages first")
     cfg = meta["config"]
     shapes = meta.get("shapes") or {}
     if "latents" not in shapes or "semantic" not in shapes:
@@ -96,5 +97,5 @@ def run_meta(run_dir: str | Path) -> dict[str, Any]:
             return read_export_meta(candidate)
     ckpt = latest_checkpoint(path / "checkpoints")
     if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no export and no complete checkpoint")
+        raise UsageError(f"{run_dir}: no export and no complete checkpoint")
     return ckpt.meta

@@ -33,6 +33,18 @@ def test_plan_json_matches_layout_maths(capsys):
     assert "561600" in text  # 360 latent frames x 1,560 tokens
 
 
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only user mistakes (UsageError) become one line and exit 2; a ValueError from a bug propagates."""
+    from semanticgen import planning
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal bug")
+
+    monkeypatch.setattr(planning, "plan", broken)
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["plan", "--seconds", "60", "--height", "480", "--width", "832"])
+
+
 def test_generate_from_a_file_that_is_not_an_export_is_one_line(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text('{"step": 1}\n')

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from semanticgen.errors import UsageError
 from semanticgen.ops import WindowLayout, WindowShard
 
 __all__ = ["ContextPlan", "ContextGroup", "CommCounter", "shift_ownership", "gather_tokens", "COMM_COUNTER"]
@@ -99,7 +100,7 @@ class ContextPlan:
             raise ValueError(f"ContextPlan: size must be >= 1, got {size}")
         windows = layout.window_blocks(False)
         if len(windows) < size:
-            raise ValueError(
+            raise UsageError(
                 f"context parallelism over {size} ranks needs at least {size} unshifted windows per clip; this clip "
                 f"has {len(windows)} ({layout.vae_frames} latent frames, window {layout.window}): use a smaller "
                 f"context_parallel, a shorter window or a longer clip"

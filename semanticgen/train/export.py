@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from semanticgen.errors import UsageError
 from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator
 
 from .checkpoint import list_checkpoints
@@ -84,7 +85,7 @@ def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     with _open_export(path) as f:
         raw = (f.metadata() or {}).get(META_KEY)
         if raw is None:
-            raise ValueError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")
+            raise UsageError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     return tensors, json.loads(raw)
 
@@ -94,7 +95,7 @@ def _open_export(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # safetensors raises its own error type for a bad header
-        raise ValueError(
+        raise UsageError(
             f"{path} is not a safetensors export ({exc}); pass a run directory or its model.safetensors"
         ) from None
 
@@ -104,7 +105,7 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     with _open_export(Path(path)) as f:
         raw = (f.metadata() or {}).get(META_KEY)
     if raw is None:
-        raise ValueError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")
+        raise UsageError(f"{path} has no '{META_KEY}' metadata: not a semanticgen export")
     return json.loads(raw)
 
 

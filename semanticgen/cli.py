@@ -146,11 +146,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     suites = args.suite or list(bench.SUITES)
     console = _console()
     console.print(f"semanticgen bench on [bold]{device}[/bold] ({'quick' if args.quick else 'full'} run)")
-    results = bench.run_suites(suites, quick=args.quick, device=device, show_progress=not args.no_progress)
-    bench.print_tables(results, console)
-    paths = bench.write_results(results, bench.environment(device), Path(args.out))
-    for kind, path in paths.items():
-        console.print(f"wrote {kind}: {path}")
+    bench.run(
+        suites, quick=args.quick, device=device, out_dir=args.out, show_progress=not args.no_progress, console=console
+    )
     return 0
 
 
@@ -302,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes, finishes in about a minute")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     p.add_argument("--suite", action="append", choices=list(SUITES), help="run only these suites (repeatable)")
-    p.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
+    p.add_argument(
+        "--out", default=None, help="output directory (default: a new bench-results/<timestamp>-<device>[-quick]/)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_bench)
 

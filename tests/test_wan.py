@@ -435,3 +435,123 @@ def test_wan_flavour_context_parallel_two_ranks(wan_dir, tmp_path):
         torch.testing.assert_close(results[rank]["out"], ref.detach(), rtol=1e-12, atol=1e-12)
         for name, p in model.named_parameters():
             torch.testing.assert_close(results[rank]["grads"][name], p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_training_init_from_wan_two_ranks(tmp_path):
+    """``[model.*] init_from`` on 2 gloo ranks (tiny config, tiny random Wan sized to its encoders): both generators
+    take Wan's architecture and weights; at lr = 0 the exported generators after 2 steps per stage are Wan's."""
+    from _train_helpers import run_train
+
+    from semanticgen.train.export import read_export
+
+    wan_path = tmp_path / "wan"
+    tiny_wan(seed=3, in_channels=4, out_channels=4, text_dim=32).save_pretrained(wan_path)  # tiny.toml's widths
+    run_dir = tmp_path / "run"
+    run_train(
+        2,
+        run_dir,
+        f"--set=model.latent_generator={{init_from = '{wan_path}', attention = 'swin', window = 2}}",
+        f"--set=model.semantic_generator={{init_from = '{wan_path}', grid_aspect = 1.0}}",
+        "--set=latent.steps=2",
+        "--set=semantic.steps=2",
+        "--set=latent.optim.lr=0.0",
+        "--set=semantic.optim.lr=0.0",
+    )
+    lat = LatentGenerator.from_wan(wan_path, sem_dim=4)
+    sem = SemanticGenerator.from_wan(wan_path, sem_dim=4)
+    for export, name, model in (("latent", "latent_generator", lat), ("semantic", "semantic_generator", sem)):
+        tensors, meta = read_export(run_dir / f"{export}.safetensors")
+        config = meta["model_configs"][name]
+        assert config["flavor"] == "wan" and config["hidden"] == 36 and config["depth"] == 3 and config["ffn_dim"] == 44
+        assert config.get("attention", "swin") == "swin"  # the table's own keys are kept
+        spec = type(model)._WAN_LOAD
+        loaded = wan_parameter_map(model, stem=spec["stem"], output=spec["output"])
+        params = dict(model.named_parameters())
+        assert len(loaded) > 60
+        for param in loaded:
+            assert torch.equal(tensors[f"{name}.{param}"], params[param]), f"{name}.{param}"
+
+
+def _recipe_stand_ins(root) -> dict[str, str]:
+    """Tiny random checkpoints in the recipe's formats: a diffusers Wan 2.1 directory (transformer/, vae/,
+    text_encoder/ holding a umT5 encoder and its tokenizer) and a Qwen2.5-VL checkpoint with its video processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        UMT5Config,
+        UMT5EncoderModel,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    wan = root / "Wan2.1-T2V-1.3B-Diffusers"
+    tiny_wan(seed=4, in_channels=4, out_channels=4, text_dim=16).save_pretrained(wan / "transformer")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).save_pretrained(wan / "vae")
+    words = ["<pad>", "</s>", "<unk>", "a", "red", "square", "blue", "circle", "moving", "right", "left"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    config = UMT5Config(vocab_size=len(words), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2)
+    UMT5EncoderModel(config).save_pretrained(wan / "text_encoder")
+    fast.save_pretrained(wan / "text_encoder")
+    qwen = root / "Qwen2.5-VL-3B-Instruct"
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 24}
+    vision.update(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    text = {"hidden_size": 24, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    text.update(num_key_value_heads=1, vocab_size=64, rope_scaling={"type": "mrope", "mrope_section": [2, 2, 2]})
+    Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(vision_config=vision, text_config=text)).save_pretrained(qwen)
+    Qwen2VLVideoProcessor().save_pretrained(qwen)
+    return {"wan": str(wan), "qwen": str(qwen)}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_wan_recipe_config_trains_two_steps_on_two_ranks(tmp_path):
+    """configs/wan2.1_t2v_1.3b_semanticgen.toml end to end on 2 CPU ranks with tiny stand-ins at its paths: only
+    the paths, devices, clip size, step counts and torch.compile are overridden."""
+    pytest.importorskip("torchvision", reason="transformers' Qwen2-VL video processor needs torchvision")
+    from _train_helpers import REPO, metrics, run_train
+
+    from semanticgen.train.export import read_export
+
+    paths = _recipe_stand_ins(tmp_path)
+    run_dir = tmp_path / "run"
+    wan = paths["wan"]
+    overrides = [
+        f"--set=encoders.vae.path='{wan}'",
+        f"--set=encoders.text.path='{wan}/text_encoder'",
+        f"--set=encoders.semantic.path='{paths['qwen']}'",
+        f"--set=model.latent_generator.init_from='{wan}/transformer'",
+        f"--set=model.semantic_generator.init_from='{wan}/transformer'",
+        "--set=data.kind='synthetic'",
+        "--set=data.height=112",
+        "--set=data.width=112",
+        "--set=data.vae_frames=5",
+        "--set=data.sem_frames=2",
+        "--set=data.num_workers=0",
+        "--set=parallel.compile=false",
+        "--set=latent.steps=2",
+        "--set=semantic.steps=2",
+    ]
+    for enc in ("vae", "semantic", "text"):
+        overrides += [f"--set=encoders.{enc}.device='cpu'", f"--set=encoders.{enc}.dtype='float32'"]
+    run_train(2, run_dir, *overrides, config=REPO / "configs" / "wan2.1_t2v_1.3b_semanticgen.toml", timeout=600)
+    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3, 4]
+    for export, name in (("latent", "latent_generator"), ("semantic", "semantic_generator")):
+        _, meta = read_export(run_dir / f"{export}.safetensors")
+        config = meta["model_configs"][name]
+        assert config["flavor"] == "wan" and config["hidden"] == 36 and config["text_dim"] == 16
+    assert meta["config"]["encoders"]["text"]["max_len"] == 512

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
+from semanticgen.models.wan import load_wan
 from semanticgen.ops import WindowLayout
 from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
 
@@ -44,7 +45,7 @@ from .export import (
 from .metrics import MetricsWriter, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .sharding import init_units, load_full_state, materialize, set_gradient_sync, shard_model
-from .stages import DataWidths, build_models, build_stage, model_configs_from_tables
+from .stages import DataWidths, build_models, build_stage, init_from_paths, model_configs_from_tables
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,13 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
     shard_model(stage, info.mesh, cfg.parallel, info.device)
     materialize(stage, units, info.device, cfg.seed)
     del units
+    if resume is None:  # a resumed run loads its own checkpoint below
+        for name, path in init_from_paths(cfg.model).items():
+            if name in STAGE_MODULES[span.name]:
+                # Each rank reads only its own shards' slices of the Wan tensors (no full copy on any rank).
+                source = load_wan(models[name], path)
+                if info.is_main:
+                    logger.info("%s: loaded Wan weights from %s (%d bytes on rank 0)", name, path, source.bytes_read)
     if span.name == "semantic":
         _load_compressor_from_latent_stage(ctx, stage.compressor)
     # Context parallelism is for the latent stage; the semantic stage is data parallel over the whole world.

@@ -97,21 +97,52 @@ class DataWidths:
         return cls(shapes["sem_features"][-1], shapes["latents"][0], shapes["text"][-1])
 
 
+GENERATORS = {"semantic_generator": SemanticGenerator, "latent_generator": LatentGenerator}
+
+
+def init_from_paths(model_tables: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """``[model.<generator>] init_from = "DIR"``: the Wan 2.1 checkpoint directory each generator starts from."""
+    paths = {}
+    for name in GENERATORS:
+        path = model_tables.get(name, {}).get("init_from")
+        if path is not None:
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"model.{name}.init_from must be a directory path (a string), got {path!r}")
+            paths[name] = path
+    return paths
+
+
+def _generator_table(name: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A generator's table without ``init_from``; with it, the Wan checkpoint's architecture (``flavor = "wan"``,
+    widths, depth, heads, ...) fills every key the table does not set (one it sets must match, checked on load)."""
+    table = dict(table)
+    path = table.pop("init_from", None)
+    if path is None:
+        return table
+    from semanticgen.models.wan import WanSource
+
+    known = {f.name for f in dataclasses.fields(GENERATORS[name].Config)}
+    wan = {k: v for k, v in WanSource(path).generator_config().items() if k in known}
+    return {**wan, **table}
+
+
 def model_configs_from_tables(model_tables: dict[str, dict[str, Any]], widths: DataWidths) -> dict[str, Any]:
     """The three models' ``Config`` objects, widths tied to the data: compressor.in_dim = semantic-encoder width,
-    the generators' dim/sem_dim = compressor.dim, text_dim = text-encoder width, in_channels = VAE latent channels."""
+    the generators' dim/sem_dim = compressor.dim, text_dim = text-encoder width, in_channels = VAE latent channels.
+    A generator with ``init_from`` takes its architecture from that Wan checkpoint (:func:`init_from_paths`)."""
+    init_from_paths(model_tables)
     comp_cfg = build_model_config(
         SemanticCompressor, model_tables.get("compressor", {}), {"in_dim": widths.sem_features}, "compressor"
     )
     sem_cfg = build_model_config(
         SemanticGenerator,
-        model_tables.get("semantic_generator", {}),
+        _generator_table("semantic_generator", model_tables.get("semantic_generator", {})),
         {"dim": comp_cfg.dim, "text_dim": widths.text},
         "semantic_generator",
     )
     lat_cfg = build_model_config(
         LatentGenerator,
-        model_tables.get("latent_generator", {}),
+        _generator_table("latent_generator", model_tables.get("latent_generator", {})),
         {"in_channels": widths.latent_channels, "sem_dim": comp_cfg.dim, "text_dim": widths.text},
         "latent_generator",
     )

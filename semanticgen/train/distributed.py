@@ -43,6 +43,23 @@ class DistInfo:
         return self.rank == 0
 
 
+def join_process_group() -> None:
+    """Join (or create) the default process group, once: under ``torchrun`` from its environment, else a
+    single-rank group in-process (NCCL with CUDA, gloo otherwise)."""
+    if dist.is_initialized():
+        return
+    use_cuda = torch.cuda.is_available()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if use_cuda:
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    else:
+        if use_cuda:
+            torch.cuda.set_device(0)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
 def init_distributed(context_parallel: int = 1) -> DistInfo:
     """Join (or create) the default process group and the ``(dp, cp)`` device mesh over all ranks.
 
@@ -61,18 +78,7 @@ def init_distributed(context_parallel: int = 1) -> DistInfo:
     if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
         raise UsageError(f"parallel.context_parallel must be a positive int, got {context_parallel!r}")
     use_cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            if use_cuda:
-                torch.cuda.set_device(local_rank)
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        else:
-            if use_cuda:
-                torch.cuda.set_device(0)
-            dist.init_process_group(
-                backend="nccl" if use_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1
-            )
+    join_process_group()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

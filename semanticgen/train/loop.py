@@ -305,7 +305,7 @@ def train(
     """
     # Join the process group first: building and running the encoders (the null text) before joining it made a
     # rank abort at exit about once in ten 2-rank runs here ("terminate called without an active exception",
-    # after training had finished); joined first, 70 runs in a row exited cleanly. Then the data (on the CPU),
+    # after training had finished); joined first, 58 runs in a row exited cleanly. Then the data (on the CPU),
     # so a clip too short for the context-parallel split is refused before the mesh is checked and before
     # anything is written.
     join_process_group()

@@ -40,6 +40,8 @@ def test_plan_partitions_whole_windows(dims):
             assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])), "ranges must tile the blocks in order"
             assert all(first < end for first, end in ranges), "every rank owns tokens"
             shards = [plan.shard(r, shifted) for r in range(plan.size)]  # validates: whole windows only
+            # Built once per (rank, parity): the backends cache their device tables on the shard.
+            assert all(plan.shard(r, shifted) is shards[r] for r in range(plan.size))
             assert sum(s.num_windows(shifted) for s in shards) == layout.num_windows(shifted)
         for r in range(plan.size):
             sent, received = plan.handover(r)

@@ -83,6 +83,9 @@ class ContextPlan:
     size: int
     unshifted_blocks: tuple[tuple[int, int], ...]
     shifted_blocks: tuple[tuple[int, int], ...]
+    # One WindowShard per (rank, parity), built once: a shard caches the backends' per-device tables (Triton tile
+    # tables, varlen cu_seqlens), so a fresh shard per layer would rebuild and upload them on every layer.
+    _shards: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
     def build(cls, layout: WindowLayout, size: int) -> ContextPlan:
@@ -137,7 +140,11 @@ class ContextPlan:
     def shard(self, rank: int, shifted: bool) -> WindowShard:
         """Rank ``rank``'s tokens on layers of parity ``shifted``, as a :class:`~semanticgen.ops.WindowShard`."""
         first, end = self.blocks(rank, shifted)
-        return WindowShard(self.layout, first, end, shifted)
+        key = (rank, bool(shifted))
+        shard = self._shards.get(key)
+        if shard is None:
+            shard = self._shards.setdefault(key, WindowShard(self.layout, first, end, shifted))
+        return shard
 
     def token_range(self, rank: int, shifted: bool) -> tuple[int, int]:
         """``(start, end)`` of rank ``rank``'s tokens in the clip's blocked order."""

@@ -454,12 +454,15 @@ class WindowShard:
     def segments(self, shifted: bool) -> tuple[WindowSegment, ...]:
         """The shard's windows in local token coordinates (one range each, as in blocked order)."""
         self._check_parity(shifted)
-        start = self.token_range[0]
-        return tuple(
-            WindowSegment(s.start0 - start, s.end0 - start, s.end0 - start, s.end0 - start)
-            for s, (first, _) in zip(self.layout.segments(shifted), self.layout.window_blocks(shifted))
-            if self.first_block <= first < self.end_block
-        )
+        cached = self._cache.get("segments")
+        if cached is None:
+            start = self.token_range[0]
+            cached = self._cache["segments"] = tuple(
+                WindowSegment(s.start0 - start, s.end0 - start, s.end0 - start, s.end0 - start)
+                for s, (first, _) in zip(self.layout.segments(shifted), self.layout.window_blocks(shifted))
+                if self.first_block <= first < self.end_block
+            )
+        return cached
 
     def window_lengths(self, shifted: bool) -> list[int]:
         return [s.length for s in self.segments(shifted)]

@@ -9,6 +9,7 @@ import types
 
 import pytest
 import torch
+from conftest import require_extension
 from semanticgen.benchmarks import _timing
 from semanticgen.benchmarks import swin_attention_cpu as attn
 
@@ -116,10 +117,7 @@ def small_flow(monkeypatch):
     """flow_ops at 2^14 elements, a 64 KiB 'cache', no inductor compiles (the suite's structure is under test)."""
     from semanticgen.benchmarks import flow_ops
 
-    from semanticgen.ops import flow
-
-    if not flow.extension_available():
-        pytest.skip("semanticgen._C is not built")
+    require_extension()  # a skip, or a failure in CI, when semanticgen._C is not built
     monkeypatch.setattr(flow_ops, "NUMEL", 1 << 14)
     monkeypatch.setattr(flow_ops, "SWEEP_BATCHES", (0, 1, 4, 256))
     monkeypatch.setattr(flow_ops, "last_level_cache_bytes", lambda device: 64 * 2**10)

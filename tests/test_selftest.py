@@ -151,7 +151,7 @@ def test_int64_window_check_on_a_small_layout(broken, monkeypatch):
         assert row.status == "PASS" and row.error <= row.bound
 
 
-@pytest.mark.skipif(not extension_available(), reason="semanticgen._C is not built")
+@pytest.mark.usefixtures("compiled_ops")
 def test_sampling_loop_is_deterministic_and_as_accurate_as_plain_torch():
     z_init, sample, sample_plain = selftest.sampling_loop("cpu", torch.bfloat16)
     z = sample(z_init.clone())

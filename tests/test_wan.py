@@ -240,6 +240,24 @@ def test_from_wan_refuses_other_class(wan_dir, tmp_path):
     _edit_config(bad, _class_name="CogVideoXTransformer3DModel")
     with pytest.raises(ValueError, match="expected _class_name='WanTransformer3DModel'"):
         LatentGenerator.from_wan(bad)
+    # The class is checked before the weights: another model's directory fails on what it is, not on its files.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "z_dim": 16}))
+    with pytest.raises(ValueError, match="_class_name='AutoencoderKLWan' in its config.json, expected"):
+        LatentGenerator.from_wan(other)
+    (other / "config.json").write_text(json.dumps({"model_type": "umt5"}))  # a transformers config: no class name
+    with pytest.raises(ValueError, match="_class_name=None in its config.json"):
+        LatentGenerator.from_wan(other)
+    (other / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        LatentGenerator.from_wan(other)
+    # A diffusers pipeline directory (model_index.json, transformer/, vae/ ...): the error names the subfolder.
+    pipeline = tmp_path / "pipeline"
+    shutil.copytree(wan_dir[0], pipeline / "transformer")
+    (pipeline / "model_index.json").write_text("{}")
+    with pytest.raises(ValueError, match="pass its transformer/ subfolder"):
+        LatentGenerator.from_wan(pipeline)
 
 
 def test_from_wan_refuses_image_to_video(wan_dir, tmp_path):
@@ -262,6 +280,17 @@ def test_from_wan_names_the_missing_tensor(wan_dir, tmp_path):
     save_file(state, weights)
     with pytest.raises(ValueError, match=r"missing tensor 'blocks\.1\.attn2\.norm_k\.weight'"):
         LatentGenerator.from_wan(bad)
+    # A sharded checkpoint whose index lists a tensor that no shard holds: the same error, not a KeyError.
+    sharded = tmp_path / "sharded"
+    wan_dir[1].save_pretrained(sharded, max_shard_size="20KB")
+    index = sharded / "diffusion_pytorch_model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    shard = sharded / weight_map["blocks.0.ffn.net.2.bias"]
+    state = load_file(shard)
+    del state["blocks.0.ffn.net.2.bias"]
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor 'blocks\.0\.ffn\.net\.2\.bias'"):
+        LatentGenerator.from_wan(sharded)
 
 
 def test_from_wan_names_the_first_mis_shaped_tensor(wan_dir, tmp_path):
@@ -326,6 +355,9 @@ def test_load_wan_sees_through_checkpoint_wrapped_blocks(wan_dir):
 
 # ------------------------------------------------------------------------------------------- sharded loading
 def _sharded_load_worker(rank: int, world: int, store_path: str, wan_path: str, results: dict) -> None:
+    """What training does with ``init_from`` (meta build, ``fully_shard``, ``materialize``, ``load_wan``), counting
+    every byte materialised in full: the init units ``materialize`` builds one at a time, and the tensor slices
+    ``load_wan`` reads."""
     import os
 
     import torch.distributed as dist
@@ -333,6 +365,7 @@ def _sharded_load_worker(rank: int, world: int, store_path: str, wan_path: str, 
     from torch.distributed.fsdp import fully_shard
 
     from semanticgen.models.wan import WanSource, load_wan
+    from semanticgen.train import sharding
 
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -343,14 +376,27 @@ def _sharded_load_worker(rank: int, world: int, store_path: str, wan_path: str, 
         config = LatentGenerator.Config(**{k: v for k, v in source.generator_config().items() if k in known})
         with torch.device("meta"):
             model = LatentGenerator(config)
+        units = sharding.init_units({"latent_generator": model})
         mesh = init_device_mesh("cpu", (world,))
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
-        model.to_empty(device="cpu")
+        unit_bytes = []
+        init_weights = sharding.init_weights
+
+        def counting_init(module):
+            unit_bytes.append(sum(p.numel() * p.element_size() for p in module.parameters()))
+            return init_weights(module)
+
+        sharding.init_weights = counting_init
+        try:
+            sharding.materialize(model, units, torch.device("cpu"), seed=0)
+        finally:
+            sharding.init_weights = init_weights
         with torch.no_grad():
-            for p in model.parameters():
-                p.to_local().fill_(float("nan"))  # a parameter the loader skipped stays NaN
+            for n, p in model.named_parameters():
+                if not n.startswith("sem_embed."):
+                    p.to_local().fill_(float("nan"))  # a parameter the loader skipped stays NaN
         load_wan(model, source)
         local_bytes = {
             n: p.to_local().numel() * p.to_local().element_size()
@@ -358,15 +404,17 @@ def _sharded_load_worker(rank: int, world: int, store_path: str, wan_path: str, 
             if not n.startswith("sem_embed.")
         }
         full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
-        results[rank] = dict(full=full, bytes_read=source.bytes_read, local_bytes=local_bytes)
+        results[rank] = dict(full=full, bytes_read=source.bytes_read, local_bytes=local_bytes, unit_bytes=unit_bytes)
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_load_wan_into_fsdp_shards_reads_only_own_slices(wan_dir, tmp_path):
-    """2 gloo ranks: meta build, fully_shard, load_wan. Every shard holds Wan's values, and each rank reads from
-    the files only the bytes of its own shards (x_embed's Conv3d weight, sharded on its output channels, too)."""
+    """2 gloo ranks, as training loads ``init_from``: meta build, fully_shard, materialize, load_wan. Every shard
+    holds Wan's values; each rank reads from the files only the bytes of its own shards (x_embed's Conv3d weight,
+    sharded on its output channels, too); what it holds in full at once is at most one init unit (a block, or the
+    embedders and heads), so its peak is its own shards plus less than the checkpoint file, never a full copy."""
     import torch.multiprocessing as mp
 
     path, _ = wan_dir
@@ -374,12 +422,18 @@ def test_load_wan_into_fsdp_shards_reads_only_own_slices(wan_dir, tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_sharded_load_worker, args=(2, str(tmp_path / "store"), str(path), results), nprocs=2, join=True)
     total = sum(p.numel() * 4 for n, p in reference.named_parameters() if not n.startswith("sem_embed."))
+    file_bytes = (path / "diffusion_pytorch_model.safetensors").stat().st_size
+    block_bytes = sum(p.numel() * 4 for p in reference.blocks[0].parameters())
     for rank in (0, 1):
         res = results[rank]
         for name, p in reference.named_parameters():
             if not name.startswith("sem_embed."):
                 assert torch.equal(res["full"][name], p), name
         assert res["bytes_read"] == sum(res["local_bytes"].values()) < 0.6 * total
+        # One unit per block, then the rest of the model, each dropped before the next: at most one unit's bytes
+        # are held in full at a time, well below the whole model and the checkpoint file.
+        assert len(res["unit_bytes"]) == len(reference.blocks) + 1 and block_bytes in res["unit_bytes"]
+        assert max(res["unit_bytes"]) < 0.5 * total < file_bytes
     assert results[0]["bytes_read"] + results[1]["bytes_read"] == total
 
 

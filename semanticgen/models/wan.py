@@ -296,6 +296,7 @@ class WanSource:
             self.where = f"the {WAN_CLASS_NAME} module"
             self.config = dict(source.config)
             self.config.setdefault("_class_name", WAN_CLASS_NAME)
+            self._check_config()
             self._module_state = {k: v.detach() for k, v in source.state_dict().items()}
         elif isinstance(source, (str, Path)):
             root = Path(source)
@@ -304,14 +305,23 @@ class WanSource:
                 raise ValueError(f"from_wan: expected a local diffusers {WAN_CLASS_NAME} directory, got {root!r}")
             config_path = root / "config.json"
             if not config_path.is_file():
-                raise ValueError(f"from_wan: {root} has no config.json; expected a {WAN_CLASS_NAME} directory")
-            self.config = json.loads(config_path.read_text())
+                hint = ""
+                if (root / "transformer" / "config.json").is_file():
+                    hint = f" (a diffusers pipeline directory: pass its transformer/ subfolder, {root / 'transformer'})"
+                raise ValueError(f"from_wan: {root} has no config.json; expected a {WAN_CLASS_NAME} directory{hint}")
+            try:
+                self.config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"from_wan: {config_path} is not valid JSON ({exc})") from exc
+            if not isinstance(self.config, dict):
+                raise ValueError(f"from_wan: {config_path} holds a {type(self.config).__name__}, expected an object")
+            # The class before the weights: a directory of another model fails on what it is, not on its files.
+            self._check_config()
             self._files = self._index_files(root)
         else:
             raise TypeError(
                 f"from_wan: source must be a directory path or a {WAN_CLASS_NAME} module, got {type(source).__name__}"
             )
-        self._check_config()
 
     @staticmethod
     def _index_files(root: Path) -> dict[str, Path]:
@@ -337,7 +347,10 @@ class WanSource:
         cfg = self.config
         name = cfg.get("_class_name")
         if name != WAN_CLASS_NAME:
-            raise ValueError(f"from_wan: {self.where} is a {name!r}, expected _class_name={WAN_CLASS_NAME!r}")
+            raise ValueError(
+                f"from_wan: {self.where} has _class_name={name!r} in its config.json, expected "
+                f"_class_name={WAN_CLASS_NAME!r} (a diffusers Wan 2.1 text-to-video transformer)"
+            )
         if cfg.get("image_dim") is not None or cfg.get("added_kv_proj_dim") is not None:
             raise ValueError(
                 f"from_wan: {self.where} is an image-to-video Wan (image_dim={cfg.get('image_dim')}, "
@@ -545,7 +558,7 @@ def load_wan_weights(
     available = set(source.keys())
     stored = source.shapes()
     for ours, (wan, shape) in mapping.items():  # every check before any read: a bad checkpoint costs no I/O
-        if wan not in available:
+        if wan not in available or wan not in stored:  # not listed, or listed by the index but in no shard
             raise ValueError(
                 f"from_wan: {source.where} is missing tensor {wan!r} (shape {list(shape)}, for {ours}); "
                 f"expected a complete {WAN_CLASS_NAME} checkpoint"

@@ -10,11 +10,17 @@ windows and back-propagates the training loss (each rank's squared error over it
   after building the model and the inputs (activations, attention scores, gradients);
 * ``bytes_sent_per_rank``: halo bytes each rank sends per step, counted at the point-to-point calls
   (:data:`~semanticgen.parallel.COMM_COUNTER`), next to ``halo_formula_bytes`` from the plan
-  (:meth:`~semanticgen.parallel.ContextPlan.handover`): they must agree.
+  (:meth:`~semanticgen.parallel.ContextPlan.handover`): they must agree;
+* CP > 1 only: ``step_ms`` is the default path, the halo exchange overlapped with the interior windows
+  (``ContextGroup.overlap``); ``step_ms_blocking`` the same step waiting for the halo before each layer, timed in
+  the same processes between two runs of the overlapped steps (so linear drift falls on both); ``overlap_speedup``
+  is ``step_ms_blocking / step_ms`` (above 1: the overlap helps). Memory and bytes are the overlapped path's.
 
 Rows: CP 1 with 1 thread, CP 1 with 2 threads (the same cores as CP 2) and CP 2 with 1 thread per rank. On a
 2-core machine CP 2 can at best halve the 1-thread time: the time gain is bounded by the cores, the memory gain is
-the point. GPU numbers are in ``semanticgen plan --context-parallel`` (estimates, not measurements).
+the point. The overlap can only hide the transfer of one block per layer, a small part of a step on one machine,
+and both ranks share the 2 cores with gloo's I/O threads. GPU numbers are in ``semanticgen plan
+--context-parallel`` (estimates, not measurements).
 
 Run alone: ``python -m semanticgen.benchmarks.context_parallel [--quick]``.
 """
@@ -133,29 +139,44 @@ def _worker(rank: int, size: int, threads: int, store_path: str, case: Case, res
         goal_all = patchify(target, model.patch)
         rss_before = _max_rss_mb()
 
-        def step() -> int:
+        def step(overlap: bool) -> int:
+            cp.overlap = overlap
             pred, index = model.forward_context_parallel(*inputs, cp)
             loss = (pred - goal_all.index_select(1, index)).square().sum() / target.numel()
             loss.backward()
             model.zero_grad(set_to_none=True)
             return index.numel()
 
-        local_tokens = step()  # warm-up (layouts, plans, allocator)
+        def timed(overlap: bool) -> list[float]:
+            times = []
+            for _ in range(case.steps):
+                if size > 1:
+                    dist.barrier()
+                t0 = time.perf_counter()
+                step(overlap)
+                if size > 1:
+                    dist.barrier()  # the step ends when the slowest rank is done
+                times.append((time.perf_counter() - t0) * 1e3)
+            return times
+
+        local_tokens = step(True)  # warm-up (layouts, plans, allocator)
         COMM_COUNTER.reset()
-        times = []
-        for _ in range(case.steps):
-            if size > 1:
-                dist.barrier()
-            t0 = time.perf_counter()
-            step()
-            if size > 1:
-                dist.barrier()  # the step ends when the slowest rank is done
-            times.append((time.perf_counter() - t0) * 1e3)
+        times = timed(True)
+        sent = COMM_COUNTER.bytes_sent // case.steps
+        # Memory of the default (overlapped) path alone: running the other path in the same process raised the
+        # lifetime peak by about 100 MB more (allocator reuse), though both save the same tensors within 0.5 MB.
+        peak_rss, step_rss = _max_rss_mb(), _max_rss_mb() - rss_before
+        blocking = None
+        if size > 1:  # only CP > 1 has a halo to overlap
+            step(False)  # warm-up
+            blocking = timed(False)
+            times += timed(True)  # overlapped, blocking, overlapped: linear drift falls on both
         results[rank] = {
             "ms": statistics.median(times),
-            "bytes": COMM_COUNTER.bytes_sent // case.steps,
-            "peak_rss_mb": _max_rss_mb(),
-            "step_rss_mb": _max_rss_mb() - rss_before,
+            "ms_blocking": statistics.median(blocking) if blocking else None,
+            "bytes": sent,
+            "peak_rss_mb": peak_rss,
+            "step_rss_mb": step_rss,
             "local_vae_tokens": local_tokens,
         }
     finally:
@@ -175,6 +196,8 @@ def measure_config(case: Case, size: int, threads: int) -> dict:
         per_rank = [dict(results[r]) for r in range(size)]
     finally:
         manager.shutdown()
+    blocking = max(r["ms_blocking"] for r in per_rank) if size > 1 else None
+    step_ms = max(r["ms"] for r in per_rank)
     return {
         "suite": "cp",
         "case": case.name,
@@ -182,7 +205,9 @@ def measure_config(case: Case, size: int, threads: int) -> dict:
         "threads_per_rank": threads,
         "vae_tokens": case.vae_tokens,
         "vae_tokens_per_rank": max(r["local_vae_tokens"] for r in per_rank),
-        "step_ms": max(r["ms"] for r in per_rank),
+        "step_ms": step_ms,
+        "step_ms_blocking": blocking,
+        "overlap_speedup": blocking / step_ms if blocking is not None else None,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in per_rank),
         "step_rss_mb": max(r["step_rss_mb"] for r in per_rank),
         "bytes_sent_per_rank": max(r["bytes"] for r in per_rank),
@@ -203,7 +228,7 @@ def skip_reason(device: str) -> str | None:
 
 
 def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
-    """Rows for CP 1 (1 and 2 threads) and CP 2 (1 thread per rank) on one clip, on the CPU."""
+    """Rows for CP 1 (1 and 2 threads) and CP 2 (1 thread per rank; overlapped and blocking halo) on one clip."""
     reason = skip_reason(device)
     if reason is not None:
         print(f"context_parallel: {reason}")

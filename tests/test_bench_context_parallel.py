@@ -15,12 +15,15 @@ TINY = cpb.Case("tiny", hidden=32, heads=2, depth=3, frames=8, height=4, width=8
 @pytest.mark.distributed
 def test_two_ranks_send_the_formula_bytes_and_half_the_tokens():
     row = cpb.measure_config(TINY, 2, 1)
+    # Bytes of the default (overlapped) steps; the blocking steps are timed for the ratio.
     assert row["bytes_sent_per_rank"] == row["halo_formula_bytes"] > 0
     assert row["vae_tokens_per_rank"] == TINY.vae_tokens // 2 == 32
     assert row["step_ms"] > 0 and row["peak_rss_mb"] > 0
+    assert row["overlap_speedup"] == row["step_ms_blocking"] / row["step_ms"]
     one = cpb.measure_config(TINY, 1, 1)
     assert one["bytes_sent_per_rank"] == one["halo_formula_bytes"] == 0
     assert one["vae_tokens_per_rank"] == TINY.vae_tokens
+    assert one["step_ms_blocking"] is None and one["overlap_speedup"] is None
 
 
 def test_suite_is_registered_and_skips_cuda(monkeypatch):

@@ -25,6 +25,9 @@ ownership differs from it by one block at each end.
 
 The exchange is :func:`shift_ownership`, an autograd function over ``torch.distributed`` point-to-point
 ops (``batch_isend_irecv``): its backward sends the gradients of the moved block back the way it came.
+:func:`~semanticgen.parallel.overlap.shift_ownership_overlapped` moves the same bytes but overlaps them with
+the layer that follows: the windows of the new parity that need no moved-in block (:meth:`ContextPlan.halo_split`)
+run while the block is in flight.
 """
 
 from __future__ import annotations
@@ -38,7 +41,15 @@ import torch.distributed as dist
 from semanticgen.errors import UsageError
 from semanticgen.ops import WindowLayout, WindowShard
 
-__all__ = ["ContextPlan", "ContextGroup", "CommCounter", "shift_ownership", "gather_tokens", "COMM_COUNTER"]
+__all__ = [
+    "ContextPlan",
+    "ContextGroup",
+    "HaloSplit",
+    "CommCounter",
+    "shift_ownership",
+    "gather_tokens",
+    "COMM_COUNTER",
+]
 
 
 def _partition(weights: Sequence[int], parts: int) -> list[int]:
@@ -65,6 +76,23 @@ def _partition(weights: Sequence[int], parts: int) -> list[int]:
 
 
 @dataclasses.dataclass(frozen=True)
+class HaloSplit:
+    """One rank's tokens of one parity, split by whether their windows need the block that moves in there.
+
+    Ranges are local token coordinates of the rank's ownership in that parity (``0`` is the first token of
+    :meth:`ContextPlan.token_range`). ``interior``: the windows made only of tokens the rank held in the other
+    parity too, which can run while the moved-in block is in flight; ``boundary``: the window(s) holding a
+    moved-in token. Each is one contiguous run of whole windows, or empty (``(0, 0)``, shard ``None``); together
+    they are all of the rank's tokens, the boundary at the end the block arrives on.
+    """
+
+    interior: tuple[int, int]
+    boundary: tuple[int, int]
+    interior_shard: WindowShard | None
+    boundary_shard: WindowShard | None
+
+
+@dataclasses.dataclass(frozen=True)
 class ContextPlan:
     """Which blocked-order tokens each rank of a CP group owns, per layer parity.
 
@@ -83,8 +111,9 @@ class ContextPlan:
     size: int
     unshifted_blocks: tuple[tuple[int, int], ...]
     shifted_blocks: tuple[tuple[int, int], ...]
-    # One WindowShard per (rank, parity), built once: a shard caches the backends' per-device tables (Triton tile
-    # tables, varlen cu_seqlens), so a fresh shard per layer would rebuild and upload them on every layer.
+    # One WindowShard (and one HaloSplit) per (rank, parity), built once: a shard caches the backends' per-device
+    # tables (Triton tile tables, varlen cu_seqlens), so a fresh shard per layer would rebuild and upload them on
+    # every layer.
     _shards: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     @classmethod
@@ -146,6 +175,43 @@ class ContextPlan:
             shard = self._shards.setdefault(key, WindowShard(self.layout, first, end, shifted))
         return shard
 
+    def halo_split(self, rank: int, shifted: bool) -> HaloSplit:
+        """Rank ``rank``'s windows of parity ``shifted`` split into interior and boundary (see :class:`HaloSplit`).
+
+        Arriving at parity ``shifted`` a rank receives the blocks it owns there but not in the other parity
+        (at its start going to shifted ownership, at its end going back). The windows holding them are the
+        boundary; every other window of the rank is interior. Built once per ``(rank, parity)``.
+
+        Example:
+            >>> layout = WindowLayout(16, 4, 2, 3, 4, order="blocked")  # 8 blocks of 2 frames
+            >>> split = ContextPlan.build(layout, 2).halo_split(1, True)  # rank 1 receives block 3
+            >>> split.boundary, split.interior  # the shifted window of blocks 3-4, then blocks 5-7
+            ((0, 19), (19, 43))
+        """
+        key = ("halo_split", rank, bool(shifted))
+        split = self._shards.get(key)
+        if split is not None:
+            return split
+        first, end = self.blocks(rank, shifted)
+        old_first, old_end = self.blocks(rank, not shifted)
+        moved_in = set(range(first, end)) - set(range(old_first, old_end))
+        windows = [(f, e) for f, e in self.layout.window_blocks(shifted) if first <= f < end]
+        needs_halo = [any(b in moved_in for b in range(f, e)) for f, e in windows]
+        interior = [w for w, halo in zip(windows, needs_halo) if not halo]
+        boundary = [w for w, halo in zip(windows, needs_halo) if halo]
+        offsets = self.layout.block_token_offsets()
+
+        def local(run: list[tuple[int, int]]) -> tuple[tuple[int, int], WindowShard | None]:
+            if not run:
+                return (0, 0), None
+            run_first, run_end = run[0][0], run[-1][1]
+            shard = WindowShard(self.layout, run_first, run_end, bool(shifted))
+            return (offsets[run_first] - offsets[first], offsets[run_end] - offsets[first]), shard
+
+        (i_range, i_shard), (b_range, b_shard) = local(interior), local(boundary)
+        split = HaloSplit(i_range, b_range, i_shard, b_shard)
+        return self._shards.setdefault(key, split)
+
     def token_range(self, rank: int, shifted: bool) -> tuple[int, int]:
         """``(start, end)`` of rank ``rank``'s tokens in the clip's blocked order."""
         first, end = self.blocks(rank, shifted)
@@ -206,6 +272,24 @@ class CommCounter:
 COMM_COUNTER = CommCounter()
 
 
+def peer_rank(group, rank: int) -> int:
+    """The global rank of ``rank`` in ``group`` (``None``: the default group), as P2P ops want it."""
+    return dist.get_global_rank(group, rank) if group is not None else rank
+
+
+def post_p2p(sends: Sequence[tuple[torch.Tensor, int]], recvs: Sequence[tuple[torch.Tensor, int]], group) -> list:
+    """Start sends and receives (``(tensor, group rank)`` each) in one ``batch_isend_irecv``; returns the works.
+
+    Sends are counted in :data:`COMM_COUNTER` and must be contiguous and stay alive until the works are waited on.
+    """
+    ops = []
+    for tensor, r in sends:
+        ops.append(dist.P2POp(dist.isend, tensor, peer_rank(group, r), group))
+        COMM_COUNTER.add(tensor)
+    ops.extend(dist.P2POp(dist.irecv, tensor, peer_rank(group, r), group) for tensor, r in recvs)
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 def _exchange(
     like: torch.Tensor,
     send_next: torch.Tensor | None,
@@ -216,30 +300,21 @@ def _exchange(
     size: int,
     group,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Send to ``rank +- 1`` and receive from them in one batch; returns ``(from_prev, from_next)``."""
-    ops = []
+    """Send to ``rank +- 1`` and receive from them in one batch, and wait; returns ``(from_prev, from_next)``."""
+    sends, recvs = [], []
     from_prev = from_next = None
-
-    def peer(r: int) -> int:
-        return dist.get_global_rank(group, r) if group is not None else r
-
     if send_next is not None and rank + 1 < size:
-        send_next = send_next.contiguous()
-        ops.append(dist.P2POp(dist.isend, send_next, peer(rank + 1), group))
-        COMM_COUNTER.add(send_next)
+        sends.append((send_next.contiguous(), rank + 1))
     if send_prev is not None and rank > 0:
-        send_prev = send_prev.contiguous()
-        ops.append(dist.P2POp(dist.isend, send_prev, peer(rank - 1), group))
-        COMM_COUNTER.add(send_prev)
+        sends.append((send_prev.contiguous(), rank - 1))
     if recv_prev_shape is not None and rank > 0:
         from_prev = torch.empty(recv_prev_shape, dtype=like.dtype, device=like.device)
-        ops.append(dist.P2POp(dist.irecv, from_prev, peer(rank - 1), group))
+        recvs.append((from_prev, rank - 1))
     if recv_next_shape is not None and rank + 1 < size:
         from_next = torch.empty(recv_next_shape, dtype=like.dtype, device=like.device)
-        ops.append(dist.P2POp(dist.irecv, from_next, peer(rank + 1), group))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
+        recvs.append((from_next, rank + 1))
+    for work in post_p2p(sends, recvs, group):
+        work.wait()
     return from_prev, from_next
 
 
@@ -305,12 +380,18 @@ def shift_ownership(x: torch.Tensor, plan: ContextPlan, rank: int, *, to_shifted
 class ContextGroup:
     """This process's place in a CP group: ``rank`` of ``size``, over ``group`` (``None``: the default group).
 
+    ``overlap``: run the interior windows of a layer while its halo block is in flight
+    (:func:`~semanticgen.parallel.overlap.shift_ownership_overlapped`) instead of waiting for the block first
+    (:func:`shift_ownership`). Both give the same values and move the same bytes; see
+    :meth:`~semanticgen.models.LatentGenerator.forward_context_parallel` for where the model uses it.
+
     Plans are built once per layout and cached (a training run sees a handful of clip shapes).
     """
 
     rank: int
     size: int
     group: object = None
+    overlap: bool = True
     _plans: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -320,11 +401,13 @@ class ContextGroup:
                 raise TypeError(f"ContextGroup: {name} must be an int, got {type(value).__name__}")
         if not 0 <= self.rank < self.size:
             raise ValueError(f"ContextGroup: rank must be in [0, size={self.size}), got {self.rank}")
+        if not isinstance(self.overlap, bool):
+            raise TypeError(f"ContextGroup: overlap must be a bool, got {type(self.overlap).__name__}")
 
     @classmethod
-    def from_group(cls, group=None) -> ContextGroup:
+    def from_group(cls, group=None, *, overlap: bool = True) -> ContextGroup:
         """The CP group of this process (``None``: the default process group)."""
-        return cls(dist.get_rank(group), dist.get_world_size(group), group)
+        return cls(dist.get_rank(group), dist.get_world_size(group), group, overlap)
 
     def plan(self, layout: WindowLayout) -> ContextPlan:
         plan = self._plans.get(layout)

@@ -37,10 +37,10 @@ def test_pixel_vae_shapes(causal, frames, latent_frames):
     assert vae.decode(z).shape == (2, frames, 3, 32, 48)
 
 
-def test_pixel_vae_matches_pooled_reference():
-    """Decoding returns each frame group's space-time average, computed here independently in float64."""
+def test_pixel_vae_nearest_decode_matches_pooled_reference():
+    """Nearest decoding returns each frame group's space-time average, computed here independently in float64."""
     video = _video(1, 9, 16, 24).double()
-    vae = PixelVAE(temporal_factor=4, spatial_factor=8, latent_channels=3)
+    vae = PixelVAE(temporal_factor=4, spatial_factor=8, latent_channels=3, decode_mode="nearest")
     out = vae.decode(vae.encode(video))
     pooled = F.avg_pool2d(video[0], 8)  # [F, 3, 2, 3]
     groups = [pooled[0:1], pooled[1:5].mean(0, keepdim=True), pooled[5:9].mean(0, keepdim=True)]
@@ -49,10 +49,69 @@ def test_pixel_vae_matches_pooled_reference():
     torch.testing.assert_close(out[0], expected, atol=1e-6, rtol=0)
 
 
-def test_pixel_vae_latents_roundtrip_exactly():
-    vae = PixelVAE(latent_channels=6)
+def test_pixel_vae_nearest_latents_roundtrip_exactly():
+    vae = PixelVAE(latent_channels=6, decode_mode="nearest")
     z = vae.encode(_video())
     torch.testing.assert_close(vae.encode(vae.decode(z)), z, atol=1e-5, rtol=0)
+
+
+def _smooth_reference(z: torch.Tensor) -> torch.Tensor:
+    """What re-encoding a linear decode does to causal ``tf = 4`` latents with ``T' = 5``, written out by hand.
+
+    Space: ``[1/8, 3/4, 1/8]`` along each axis, edges replicated (bilinear up-sampling, then 4x4 means). Time: frame
+    0 is latent 0's own; frames 1-2 lie between centres 0 and 2.5, frames 3..14 between centres ``4k - 1.5``, and
+    frames 15-16 continue the last segment's line, so the group means are these rows.
+    """
+    time = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.2, 0.675, 0.125, 0.0, 0.0],
+            [0.0, 0.125, 0.75, 0.125, 0.0],
+            [0.0, 0.0, 0.125, 0.75, 0.125],
+            [0.0, 0.0, 0.0, 0.0, 1.0],
+        ],
+        dtype=torch.float64,
+    )
+    out = torch.einsum("st,bcthw->bcshw", time, z.double())
+    kernel = torch.tensor([0.125, 0.75, 0.125], dtype=torch.float64)
+    for dim in (3, 4):
+        padded = torch.cat([out.narrow(dim, 0, 1), out, out.narrow(dim, out.shape[dim] - 1, 1)], dim=dim)
+        n = out.shape[dim]
+        out = sum(kernel[i] * padded.narrow(dim, i, n) for i in range(3))
+    return out
+
+
+def test_pixel_vae_linear_decode_reencodes_to_smoothed_latents():
+    """Linear decode, then encode: the fixed low-pass of the docstring (no clamping: colours stay inside [0, 1])."""
+    vae = PixelVAE(temporal_factor=4, spatial_factor=4, latent_channels=3)
+    z = 0.2 * torch.rand(2, 3, 5, 4, 6, generator=torch.Generator().manual_seed(1)) - 0.1
+    decoded = vae.decode(z)
+    assert decoded.shape == (2, 17, 3, 16, 24) and decoded.min() > 0.0 and decoded.max() < 1.0
+    torch.testing.assert_close(vae.encode(decoded), _smooth_reference(z).float(), atol=1e-6, rtol=0)
+    # Latents constant over space and time come back exactly, as a constant video.
+    flat = torch.full_like(z, 0.05)
+    torch.testing.assert_close(vae.encode(vae.decode(flat)), flat.float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(vae.decode(flat), vae.decode(flat)[:, :1, :, :1, :1].expand_as(vae.decode(flat)))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "non-causal"])
+def test_pixel_vae_linear_decode_of_a_moving_shape_changes_every_frame(causal):
+    """No two consecutive decoded frames are equal (the nearest decode repeats each latent frame 4 times)."""
+    from semanticgen.data.synthetic import SyntheticShapes
+
+    frames = 17 if causal else 16
+    data = SyntheticShapes(4, height=32, width=32, vae_frames=frames, vae_fps=6.4, seed=3)
+    video = torch.stack([data[i]["vae_video"] for i in range(4)])
+    for mode, all_differ in (("linear", True), ("nearest", False)):
+        vae = PixelVAE(spatial_factor=4, causal=causal, decode_mode=mode)
+        out = vae.decode(vae.encode(video))
+        step = (out[:, 1:] - out[:, :-1]).abs().amax(dim=(2, 3, 4))  # [B, F - 1]
+        assert bool((step > 1e-3).all()) == all_differ, (mode, step.min())
+
+
+def test_pixel_vae_rejects_unknown_decode_mode():
+    with pytest.raises(ValueError, match="decode_mode must be one of \\('linear', 'nearest'\\), got 'cubic'"):
+        PixelVAE(decode_mode="cubic")
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,9 @@
 """Build encoders from config dicts: ``{"kind": ..., **keyword arguments of that kind}``.
 
 Kinds:
-    ``build_vae``: ``"pixel"`` (:class:`PixelVAE`), ``"wan"`` (:meth:`WanVAE.from_pretrained`, needs ``path``).
+    ``build_vae``: ``"pixel"`` (:class:`PixelVAE`), ``"wan"`` (:meth:`WanVAE.from_pretrained`, needs ``path``),
+    ``"learned"`` (:meth:`LearnedVideoAE.from_pretrained`, needs ``path``: a ``vae.safetensors`` a run trained;
+    training fills it in from the run directory, see ``semanticgen.encoders.learned_vae.run_vae_spec``).
     ``build_semantic_encoder``: ``"pixel"`` (:class:`PixelSemanticEncoder`), ``"qwen"``
     (:meth:`QwenVisionEncoder.from_pretrained`, needs ``path``).
     ``build_text_encoder``: ``"hash"`` (:class:`HashTextEncoder`), ``"hf"`` (:meth:`HFTextEncoder.from_pretrained`,
@@ -18,7 +20,11 @@ from typing import Any
 __all__ = ["build_vae", "build_semantic_encoder", "build_text_encoder"]
 
 # kind -> (module relative to this package, attribute path of the builder)
-_VAES = {"pixel": (".pixel", "PixelVAE"), "wan": (".wan_vae", "WanVAE.from_pretrained")}
+_VAES = {
+    "pixel": (".pixel", "PixelVAE"),
+    "wan": (".wan_vae", "WanVAE.from_pretrained"),
+    "learned": (".learned_vae", "LearnedVideoAE.from_pretrained"),
+}
 _SEMANTIC = {"pixel": (".pixel", "PixelSemanticEncoder"), "qwen": (".qwen_vision", "QwenVisionEncoder.from_pretrained")}
 _TEXT = {"hash": (".text", "HashTextEncoder"), "hf": (".text", "HFTextEncoder.from_pretrained")}
 
@@ -56,7 +62,7 @@ def _build(what: str, registry: dict[str, tuple[str, str]], spec: object) -> Any
 
 
 def build_vae(spec: Mapping[str, Any]):
-    """``{"kind": "pixel" | "wan", ...}`` -> a :class:`~semanticgen.encoders.VideoVAE`."""
+    """``{"kind": "pixel" | "wan" | "learned", ...}`` -> a :class:`~semanticgen.encoders.VideoVAE`."""
     return _build("build_vae", _VAES, spec)
 
 

@@ -17,6 +17,8 @@ from .protocols import check_video
 
 __all__ = ["PixelVAE", "PixelSemanticEncoder"]
 
+DECODE_MODES = ("linear", "nearest")
+
 # ITU-R BT.601 YCbCr rows on centred RGB in [-1, 1]: an invertible, decorrelating colour map, so that
 # the first three latent channels are luminance and two colour differences.
 _YCBCR = (
@@ -55,15 +57,49 @@ def _per_channel(name: str, value: object, channels: int, *, positive: bool) -> 
     return torch.tensor(values, dtype=torch.float32)
 
 
+def _time_weights(latent_frames: int, tf: int, causal: bool) -> torch.Tensor:
+    """``float32 [F, T']`` weights of the latent frames in each video frame: linear between latent frame centres.
+
+    Centre of latent frame ``k`` (the mean of the frames it pooled): ``0`` then ``tf * k - (tf - 1) / 2`` when
+    causal, ``tf * k + (tf - 1) / 2`` otherwise. Frames outside the first and last centres use the nearest
+    segment's line (extrapolation), so the last group's frames keep moving instead of repeating one value.
+    """
+    if causal:
+        centres = [0.0] + [tf * k - (tf - 1) / 2 for k in range(1, latent_frames)]
+        frames = 1 + (latent_frames - 1) * tf
+    else:
+        centres = [tf * k + (tf - 1) / 2 for k in range(latent_frames)]
+        frames = latent_frames * tf
+    weights = torch.zeros(frames, latent_frames, dtype=torch.float64)
+    if latent_frames == 1:
+        return weights.add_(1.0).float()
+    for f in range(frames):
+        j = min(max(sum(c <= f for c in centres) - 1, 0), latent_frames - 2)  # segment [centres[j], centres[j+1]]
+        a = (f - centres[j]) / (centres[j + 1] - centres[j])
+        weights[f, j], weights[f, j + 1] = 1.0 - a, a
+    return weights.float()
+
+
 class PixelVAE(nn.Module):
-    """Average-pool "VAE": latents are pooled colours, decoding repeats them back.
+    """Average-pool "VAE": latents are pooled colours, decoding interpolates them back.
 
     ``encode``: centre RGB to ``[-1, 1]``, average-pool space by ``spatial_factor`` and time by
     ``temporal_factor``, then map the 3 colours to ``latent_channels`` with a fixed linear map
     (YCbCr rows, then seeded unit-norm mixtures when ``latent_channels > 3``).
-    ``decode``: apply the map's pseudo-inverse, repeat each latent back over its frames and pixels
-    (nearest), undo the centring and clamp to ``[0, 1]``. With ``latent_channels >= 3`` decoding a
-    video's own latents returns its pooled version exactly.
+    ``decode``: apply the map's pseudo-inverse, bring the colours back to every frame and pixel, undo the
+    centring and clamp to ``[0, 1]``. How, by ``decode_mode``:
+
+    * ``"linear"`` (default): each latent value sits at the centre of the frames and pixels it averaged.
+      Space is bilinear between block centres (``align_corners=False``, edges held); time is piecewise linear
+      between latent frame centres (frame 0 for the causal first latent frame, then ``tf * k - (tf - 1) / 2``),
+      continued linearly past the last centre (and, non-causal, before the first), so no two consecutive
+      frames of a moving clip repeat. Re-encoding a decode is a fixed low-pass of the latents, not the
+      identity: ``[1/8, 3/4, 1/8]`` along each spatial axis and along time between interior latent frames
+      (edges: replicated in space; the last latent frame comes back exactly in time), so latents constant over
+      space and time come back exactly, as long as the clamp does not cut the decoded colours.
+    * ``"nearest"``: repeat each latent over its frames and pixels (stop-motion blocks). With
+      ``latent_channels >= 3``, decoding a video's own latents returns its pooled version and re-encoding a
+      decode returns the latents exactly (within the clamp).
 
     ``latents_mean`` / ``latents_std`` normalise the latents as the Wan VAE's config values do:
     ``encode`` returns ``(pooled - mean) / std`` and ``decode`` first undoes it. Each is one float for every
@@ -90,8 +126,11 @@ class PixelVAE(nn.Module):
         seed: int = 0,
         latents_mean: float | Sequence[float] = 0.0,
         latents_std: float | Sequence[float] = 1.0,
+        decode_mode: str = "linear",
     ) -> None:
         super().__init__()
+        if decode_mode not in DECODE_MODES:
+            raise ValueError(f"PixelVAE: decode_mode must be one of {DECODE_MODES}, got {decode_mode!r}")
         for name, value in (
             ("temporal_factor", temporal_factor),
             ("spatial_factor", spatial_factor),
@@ -103,6 +142,7 @@ class PixelVAE(nn.Module):
         self.spatial_factor = spatial_factor
         self.latent_channels = latent_channels
         self.causal = bool(causal)
+        self.decode_mode = decode_mode
         colour = _colour_map(latent_channels, seed)
         self.register_buffer("colour_map", colour.float(), persistent=False)
         self.register_buffer("colour_unmap", torch.linalg.pinv(colour).float(), persistent=False)
@@ -157,6 +197,13 @@ class PixelVAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``latents [B, C, T', h, w]`` -> ``video [B, F, 3, h * s, w * s]`` in ``[0, 1]``."""
+        return ((self.decode_unclamped(latents) + 1.0) * 0.5).clamp(0.0, 1.0).to(latents.dtype)
+
+    def decode_unclamped(self, latents: torch.Tensor) -> torch.Tensor:
+        """:meth:`decode` before the clamp, in the centred range: float32 ``[B, F, 3, h * s, w * s]``, about [-1, 1].
+
+        Linear in the latents, so gradients reach every latent (the learned VAE builds on it).
+        """
         if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
             raise TypeError("PixelVAE.decode: latents must be a floating-point torch.Tensor [B, C, T', h, w]")
         if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
@@ -166,12 +213,19 @@ class PixelVAE(nn.Module):
         z = latents.float() * self.latents_std.to(latents.device) + self.latents_mean.to(latents.device)
         x = torch.einsum("dc,bcthw->btdhw", self.colour_unmap.to(latents.device), z)
         s, tf = self.spatial_factor, self.temporal_factor
-        x = x.repeat_interleave(s, dim=3).repeat_interleave(s, dim=4)
-        if self.causal:
-            x = torch.cat([x[:, :1], x[:, 1:].repeat_interleave(tf, dim=1)], dim=1)
+        if self.decode_mode == "nearest":
+            x = x.repeat_interleave(s, dim=3).repeat_interleave(s, dim=4)
+            if self.causal:
+                x = torch.cat([x[:, :1], x[:, 1:].repeat_interleave(tf, dim=1)], dim=1)
+            else:
+                x = x.repeat_interleave(tf, dim=1)
         else:
-            x = x.repeat_interleave(tf, dim=1)
-        return ((x + 1.0) * 0.5).clamp(0.0, 1.0).to(latents.dtype)
+            b, t, _, h, w = x.shape
+            weights = _time_weights(t, tf, self.causal).to(x.device)  # [F, T']
+            x = torch.einsum("ft,btdhw->bfdhw", weights, x)
+            x = F.interpolate(x.reshape(-1, 3, h, w), size=(h * s, w * s), mode="bilinear", align_corners=False)
+            x = x.reshape(b, weights.shape[0], 3, h * s, w * s)
+        return x
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         return self.encode(video)

@@ -66,6 +66,27 @@ class StageConfig:
 
 
 @dataclass
+class AutoencoderConfig:
+    """Training of a learned VAE, the run's first stage when ``[encoders.vae]`` has ``kind = "learned"`` and no
+    ``path`` (see ``semanticgen.train.autoencoder``): AdamW with linear warm-up then cosine decay to ``lr / 10``.
+
+    ``batch`` is per rank. ``latent_noise``: Gaussian noise, in units of each latent channel's std in the batch,
+    added to the latents before decoding, so the decoder tolerates latents that are a little off (as generated ones
+    are). ``residual_weight``: L2 penalty on the learned part of the latents, which keeps them near the pooled
+    colours. ``stats_clips``: clips whose latents give the per-channel mean and std that normalise them.
+    """
+
+    steps: int = 600
+    batch: int = 8
+    lr: float = 3e-3  # 5e-3 diverged back to the PixelVAE (the learned parts died)
+    warmup_steps: int = 20
+    grad_clip: float = 1.0  # max global grad norm; <= 0 disables clipping
+    latent_noise: float = 0.1
+    residual_weight: float = 1e-3
+    stats_clips: int = 1024
+
+
+@dataclass
 class DataConfig:
     """Where training clips come from and how they are shaped.
 
@@ -129,6 +150,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     latent: StageConfig = field(default_factory=StageConfig)
     semantic: StageConfig = field(default_factory=StageConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -172,6 +194,15 @@ class TrainConfig:
                 raise ValueError(f"{name}.optim.schedule must be 'cosine' or 'constant', got {stage.optim.schedule!r}")
             if not 0.0 <= stage.text_dropout < 1.0:
                 raise ValueError(f"{name}.text_dropout must be in [0, 1), got {stage.text_dropout}")
+        ae = self.autoencoder
+        for name in ("steps", "batch", "stats_clips"):
+            if getattr(ae, name) < 1:
+                raise ValueError(f"autoencoder.{name} must be >= 1, got {getattr(ae, name)}")
+        if not ae.lr > 0:
+            raise ValueError(f"autoencoder.lr must be > 0, got {ae.lr}")
+        for name in ("warmup_steps", "latent_noise", "residual_weight"):
+            if getattr(ae, name) < 0:
+                raise ValueError(f"autoencoder.{name} must be >= 0, got {getattr(ae, name)}")
         if self.checkpoint.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if self.checkpoint.save_every < 1:

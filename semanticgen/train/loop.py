@@ -23,6 +23,7 @@ from semanticgen.models.wan import load_wan
 from semanticgen.ops import WindowLayout
 from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
 
+from .autoencoder import VAE_FILE, run_encoders, train_run_autoencoder
 from .checkpoint import (
     CheckpointInfo,
     TrainState,
@@ -309,7 +310,7 @@ def train(
     # so a clip too short for the context-parallel split is refused before the mesh is checked and before
     # anything is written.
     join_process_group()
-    encoders = None
+    encoders, ae_pending = None, False
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     if isinstance(dataset, ShardDataset):
         widths = DataWidths.from_shapes(dataset.shapes)
@@ -319,7 +320,8 @@ def train(
             raise FileNotFoundError(f"{dataset.root}: null_text.safetensors missing; re-run preencode")
         latent_frames = int(dataset.shapes["latents"][1])
     else:
-        encoders = Encoders.from_specs(cfg.encoders)
+        # A learned VAE comes from RUN_DIR/vae.safetensors; until the run has trained it, an untrained stand-in.
+        encoders, ae_pending = run_encoders(cfg.encoders, run_dir)
         widths = DataWidths.from_encoders(encoders)
         null = encoders.null_text(torch.device("cpu"))
         latent_frames = encoders.vae.latent_frames(cfg.data.vae_frames)
@@ -353,10 +355,17 @@ def train(
                 f"{run_dir} already holds checkpoints up to step {max(later)}: pass --resume to continue that run, "
                 "or use a new --run-dir"
             )
+    if ae_pending and (resume_info is not None or spans[0].begin > 0):
+        raise UsageError(
+            f"{run_dir / VAE_FILE} is missing but the run already has trained stages, whose latents came from it: "
+            "put it back, or start a new --run-dir"
+        )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     barrier()
+    if ae_pending:  # the first stage: the learned VAE the later stages' latents come from
+        encoders.vae = train_run_autoencoder(cfg, run_dir, dataset, info)
 
     keep_until = resume_info.step if resume_info else spans[0].begin
     metrics = MetricsWriter(run_dir / "metrics.jsonl", info.is_main, resume_step=keep_until)

@@ -2,7 +2,8 @@
 
 1. The text encoder embeds the prompts (and the empty prompt, for classifier-free guidance).
 2. Stage 1: the :class:`~semanticgen.models.SemanticGenerator` integrates compressed semantic tokens
-   ``z_sem [B, Ts, Ss, dim]`` from noise with Euler steps.
+   ``z_sem [B, Ts, Ss, dim]`` from noise with Euler steps; with ``sem_norm`` (the statistics stage 1 was trained
+   on) they are mapped back from the normalised space stage 1 generates in to the compressor's space.
 3. ``z_sem`` is noise-augmented to ``noise_level`` (the level the latent generator was trained with), which
    hides the gap between semantic tokens of real videos (training) and generated ones (inference).
 4. Stage 2: the :class:`~semanticgen.models.LatentGenerator` integrates VAE latents ``[B, C, T, H, W]`` with
@@ -25,17 +26,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from semanticgen.errors import UsageError
+from semanticgen.models import SemanticNorm
 from semanticgen.parallel import ContextGroup
 from semanticgen.rectified_flow import euler_sample, noise_augment
 
 __all__ = ["SemanticGenPipeline"]
 
 
-def _positive_int_shape(name: str, shape: object, length: int, layout: str) -> tuple[int, ...]:
+def _positive_int_shape(name: str, shape: object, length: int, layout: str, *, first: int = 1) -> tuple[int, ...]:
+    """``shape`` as a tuple of ``length`` ints, each ``>= 1`` (the first ``>= first``)."""
     if (
         not isinstance(shape, Sequence)
         or len(shape) != length
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+        or shape[0] < first
+        or not all(s >= 1 for s in shape[1:])
     ):
         raise ValueError(f"SemanticGenPipeline: {name} must be {length} positive ints {layout}, got {shape!r}")
     return tuple(shape)
@@ -63,14 +68,22 @@ class SemanticGenPipeline:
     """Text-to-video with a semantic generator, a latent generator, a text encoder and a VAE.
 
     Args:
-        semantic_generator: stage-1 velocity model ``(x [B, Ts, Ss, dim], t, text, mask) -> velocity``.
+        semantic_generator: stage-1 velocity model ``(x [B, Ts, Ss, dim], t, text, mask) -> velocity``; ``None``
+            with ``sem_shape = (0, Ss, dim)`` for a one-stage text-to-latent model (trained with
+            ``latent.semantic_tokens = false``), which gets no semantic tokens.
         latent_generator: stage-2 velocity model ``(x [B, C, T, H, W], t, text, mask, z_sem) -> velocity``.
-        text_encoder: ``encode(prompts) -> (emb [B, L, text_dim], mask [B, L] bool)``.
+        text_encoder: ``encode(prompts) -> (emb [B, L, text_dim], mask [B, L] bool)``. With ``flavor="wan"``
+            generators the text conditioning must be Wan's: umT5 states zero-padded to 512 tokens (an HF text
+            encoder with ``max_len=512``, or :func:`~semanticgen.models.wan.wan_text_states`); the Wan blocks attend
+            to all 512 tokens with no mask, so the encoder's mask is not used.
         vae: ``decode(latents [B, C, T, H, W]) -> frames [B, F, 3, H', W']`` in ``[0, 1]``.
         sem_shape: ``(Ts, Ss, dim)`` of the semantic tokens of one video.
         latent_shape: ``(C, T, H, W)`` of the latents of one video.
         noise_level: noise augmentation of ``z_sem`` before stage 2 (flow time in ``[0, 1]``).
-        sem_shift, latent_shift: resolution shift of each stage's sampling time grid.
+        sem_shift, latent_shift: timestep shift of each stage's sampling time grid (use the shift the stage was
+            trained with; :func:`~semanticgen.runs.build_pipeline_from_run` reads it from the run).
+        sem_norm: the :class:`~semanticgen.models.SemanticNorm` stage 1 was trained with (its samples are
+            de-normalised before stage 2); ``None``: stage 1 generates the compressor's space directly.
         negative_prompt: the unconditional prompt for guidance (``""``: what text dropout trains on).
         context_parallel: a :class:`~semanticgen.parallel.ContextGroup` to split stage 2 over (the latent
             generator must use ``attention="swin"`` and the clip have at least as many windows as ranks);
@@ -85,7 +98,7 @@ class SemanticGenPipeline:
 
     def __init__(
         self,
-        semantic_generator: nn.Module,
+        semantic_generator: nn.Module | None,
         latent_generator: nn.Module,
         text_encoder,
         vae,
@@ -95,20 +108,38 @@ class SemanticGenPipeline:
         noise_level: float = 0.0,
         sem_shift: float = 1.0,
         latent_shift: float = 1.0,
+        sem_norm: SemanticNorm | None = None,
         negative_prompt: str = "",
         context_parallel: ContextGroup | None = None,
     ) -> None:
-        self.semantic_generator = semantic_generator.eval()
+        self.semantic_generator = semantic_generator.eval() if semantic_generator is not None else None
         self.latent_generator = latent_generator.eval()
         self.text_encoder = text_encoder
         self.vae = vae
-        self.sem_shape = _positive_int_shape("sem_shape", sem_shape, 3, "(Ts, Ss, dim)")
+        one_stage = semantic_generator is None
+        self.sem_shape = _positive_int_shape("sem_shape", sem_shape, 3, "(Ts, Ss, dim)", first=0 if one_stage else 1)
+        if one_stage and self.sem_shape[0] != 0:
+            raise ValueError(
+                f"SemanticGenPipeline: without a semantic_generator sem_shape must be (0, Ss, dim), got {sem_shape!r}"
+            )
         self.latent_shape = _positive_int_shape("latent_shape", latent_shape, 4, "(C, T, H, W)")
         if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not 0 <= noise_level <= 1:
             raise ValueError(f"SemanticGenPipeline: noise_level must be a float in [0, 1], got {noise_level!r}")
         self.noise_level = float(noise_level)
+        for name, value in (("sem_shift", sem_shift), ("latent_shift", latent_shift)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"SemanticGenPipeline: {name} must be a positive float, got {value!r}")
         self.sem_shift = float(sem_shift)
         self.latent_shift = float(latent_shift)
+        if sem_norm is not None and not isinstance(sem_norm, SemanticNorm):
+            raise TypeError(
+                f"SemanticGenPipeline: sem_norm must be a SemanticNorm or None, got {type(sem_norm).__name__}"
+            )
+        if sem_norm is not None and len(sem_norm.mean) != self.sem_shape[2]:
+            raise ValueError(
+                f"SemanticGenPipeline: sem_norm has {len(sem_norm.mean)} channels, sem_shape dim is {self.sem_shape[2]}"
+            )
+        self.sem_norm = sem_norm
         if not isinstance(negative_prompt, str):
             raise TypeError(f"SemanticGenPipeline: negative_prompt must be a str, got {type(negative_prompt).__name__}")
         self.negative_prompt = negative_prompt
@@ -198,8 +229,12 @@ class SemanticGenPipeline:
         generator: torch.Generator,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """Stage 1: ``z_sem [B, Ts, Ss, dim]`` float32 from the text embeddings."""
-        return self._sample(
+        """Stage 1: ``z_sem [B, Ts, Ss, dim]`` float32 from the text embeddings, in the compressor's space (the
+        space stage 2 reads), de-normalised with ``sem_norm`` when set. ``[B, 0, Ss, dim]`` without a semantic
+        generator."""
+        if self.semantic_generator is None:
+            return torch.zeros((cond[0].shape[0], *self.sem_shape), device=self.device)
+        z = self._sample(
             self.semantic_generator,
             (),
             cond,
@@ -211,6 +246,7 @@ class SemanticGenPipeline:
             generator=generator,
             on_step=on_step,
         )
+        return self.sem_norm.denormalize(z) if self.sem_norm is not None else z
 
     def sample_latents(
         self,
@@ -335,6 +371,8 @@ class SemanticGenPipeline:
         guided = float(sem_guidance) != 1.0 or float(lat_guidance) != 1.0
         cond, uncond = self.encode_prompts(prompts, guided)
 
+        if self.semantic_generator is None:
+            sem_steps = 0  # one-stage model: no semantic tokens to sample
         bar = tqdm(total=sem_steps + lat_steps, desc="stage 1 (semantic)", unit="step", disable=not progress)
         try:
             z_sem = self.sample_semantic(

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from semanticgen.errors import UsageError
+from semanticgen.models import SemanticNorm
 from semanticgen.train.export import collect_run_weights, models_from_meta, read_export, read_export_meta
 
 
@@ -45,39 +46,54 @@ def build_pipeline_from_run(
 ):
     """A :class:`~semanticgen.pipeline.SemanticGenPipeline` from a run directory (or its ``model.safetensors``).
 
-    Needs both stages trained (``stage = "both"``, or ``latent`` then ``semantic`` into the same run directory).
+    Needs both stages trained (``stage = "both"``, or ``latent`` then ``semantic`` into the same run directory), or
+    a one-stage text-to-latent run (``latent.semantic_tokens = false``), whose pipeline has no semantic generator.
     The VAE and text encoder are rebuilt from the run's ``[encoders]`` config; ``noise_level`` defaults to the latent
-    stage's ``sem_noise_level`` (the augmentation the latent generator was trained with).
+    stage's ``sem_noise_level`` (the augmentation the latent generator was trained with). Each stage samples with the
+    ``timestep_shift`` it was trained with, and stage 1's samples are de-normalised with the run's
+    ``semantic_norm`` statistics (runs trained with ``semantic.normalize_tokens``).
     """
     from semanticgen.encoders import build_text_encoder, build_vae
+    from semanticgen.encoders.learned_vae import run_vae_spec
     from semanticgen.pipeline import SemanticGenPipeline
 
     models, meta = load_run_models(run_dir)
-    missing = [n for n in ("semantic_generator", "latent_generator") if n not in models]
+    cfg = meta["config"]
+    # latent.semantic_tokens = false: the one-stage text-to-latent baseline, which has no semantic stage.
+    one_stage = not cfg["latent"].get("semantic_tokens", True)
+    needed = ("latent_generator",) if one_stage else ("semantic_generator", "latent_generator")
+    missing = [n for n in needed if n not in models]
     if missing:
         raise UsageError(f"{run_dir}: the run has no trained {' or '.join(missing)}; train both stages first")
-    cfg = meta["config"]
     shapes = meta.get("shapes") or {}
     if "latents" not in shapes or "semantic" not in shapes:
         raise ValueError(f"{run_dir}: export metadata lacks sample shapes")
+    sem_shape = tuple(shapes["semantic"])
+    if one_stage:
+        sem_shape = (0, *sem_shape[1:])
     device = (
         torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     )
-    vae = build_vae(cfg["encoders"]["vae"])
+    vae = build_vae(run_vae_spec(cfg["encoders"]["vae"], run_dir))  # a learned VAE: the run's vae.safetensors
     text = build_text_encoder(cfg["encoders"]["text"])
     for enc in (vae, text):
         if isinstance(enc, nn.Module):
             enc.to(device)
     if noise_level is None:
         noise_level = float(cfg["latent"]["sem_noise_level"])
+    norm = meta.get("semantic_norm")
     return SemanticGenPipeline(
-        models["semantic_generator"].to(device),
+        None if one_stage else models["semantic_generator"].to(device),
         models["latent_generator"].to(device),
         text,
         vae,
-        sem_shape=tuple(shapes["semantic"]),
+        sem_shape=sem_shape,
         latent_shape=tuple(shapes["latents"]),
         noise_level=noise_level,
+        # Sample each stage with the timestep shift it was trained with (flow times drawn in training were shifted).
+        sem_shift=float(cfg["semantic"]["timestep_shift"]),
+        latent_shift=float(cfg["latent"]["timestep_shift"]),
+        sem_norm=SemanticNorm.from_dict(norm) if norm is not None else None,
         context_parallel=context_parallel,
     )
 

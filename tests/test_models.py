@@ -14,6 +14,7 @@ from semanticgen.models import (
     LatentGenerator,
     SemanticCompressor,
     SemanticGenerator,
+    SemanticNorm,
     TimestepModulation,
     apply_rope,
     gaussian_kl,
@@ -21,6 +22,7 @@ from semanticgen.models import (
     patchify,
     rope_axis_dims,
     rope_tables,
+    sincos_position_embedding,
     token_grid,
     unpatchify,
 )
@@ -221,6 +223,56 @@ def test_semantic_generator_rejects_bad_input():
         model(x, torch.rand(2), text, mask.float())
     with pytest.raises(ValueError, match="text_dim=16"):
         model(x, torch.rand(2), torch.randn(2, 5, 8), mask)
+
+
+@pytest.mark.parametrize("abs_pos", [True, False])
+def test_semantic_generator_absolute_positions_break_the_symmetry_of_identical_tokens(abs_pos):
+    """Every token equal (what pure noise looks like to a relative-position model, on average): with RoPE alone the
+    outputs are equal too, so stage 1 could not place anything; the absolute embedding makes them differ."""
+    cfg = dataclasses.replace(SemanticGenerator.Config.tiny(), abs_pos=abs_pos)
+    model = _randomize(SemanticGenerator(cfg))
+    x = torch.randn(1, 1, 1, cfg.dim).expand(2, 3, 4, cfg.dim).contiguous()
+    text, mask = _text(2, 5, cfg.text_dim)
+    out = model(x, torch.rand(2), text, mask).flatten(1, 2)  # [B, tokens, dim]
+    spread = (out - out[:, :1]).abs().max()
+    if abs_pos:
+        assert spread > 1e-2
+    else:
+        assert spread < 1e-5
+
+
+def test_semantic_generator_abs_pos_is_on_by_default_and_needs_an_even_width():
+    assert SemanticGenerator(SemanticGenerator.Config.tiny()).abs_pos
+    cfg = dataclasses.replace(SemanticGenerator.Config.tiny(), hidden=33, heads=3)
+    with pytest.raises(ValueError, match="even hidden"):
+        SemanticGenerator(cfg)
+
+
+def test_sincos_position_embedding_uses_the_rope_angles():
+    pos = grid_positions(2, 2, 3)
+    emb = sincos_position_embedding(pos, 12)
+    cos, sin = rope_tables(pos, 12)
+    assert emb.shape == (12, 12)
+    torch.testing.assert_close(emb[:, 0::2], cos)
+    torch.testing.assert_close(emb[:, 1::2], sin)
+    assert len({tuple(row.tolist()) for row in emb}) == 12  # every position distinct
+    with pytest.raises(ValueError, match="even"):
+        sincos_position_embedding(pos, 7)
+
+
+def test_semantic_norm_inverts_and_rejects_bad_statistics():
+    norm = SemanticNorm((0.5, -1.0), (2.0, 0.25))
+    z = torch.randn(3, 2, 4, 2)
+    torch.testing.assert_close(norm.normalize(z), (z - torch.tensor([0.5, -1.0])) / torch.tensor([2.0, 0.25]))
+    torch.testing.assert_close(norm.denormalize(norm.normalize(z)), z)
+    assert SemanticNorm.from_dict(json.loads(json.dumps(norm.to_dict()))) == norm
+    with pytest.raises(ValueError, match="channels"):
+        norm.normalize(torch.randn(2, 3))
+    for mean, std in (((0.0,), (0.0,)), ((0.0, 1.0), (1.0,)), ((), ()), ((float("nan"),), (1.0,))):
+        with pytest.raises(ValueError, match="SemanticNorm"):
+            SemanticNorm(mean, std)
+    with pytest.raises(ValueError, match="keys 'mean' and 'std'"):
+        SemanticNorm.from_dict({"mean": [0.0]})
 
 
 # -------------------------------------------------------------------------------------------- latent generator

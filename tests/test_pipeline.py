@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from semanticgen.encoders import HashTextEncoder, PixelVAE
-from semanticgen.models import LatentGenerator, SemanticGenerator
+from semanticgen.models import LatentGenerator, SemanticGenerator, SemanticNorm
 from semanticgen.pipeline import SemanticGenPipeline
 from semanticgen.rectified_flow import euler_sample, noise_augment
 
@@ -83,6 +83,20 @@ def test_matches_manual_two_stage_composition():
     assert not torch.equal(z_aug, z_sem)
 
 
+def test_stage_one_samples_are_denormalised_with_the_trained_statistics():
+    """With ``sem_norm`` stage 1 samples in the normalised space it was trained in; what reaches stage 2 (and
+    ``z_sem``) is mapped back to the compressor's space, channel by channel."""
+    sem, lat, text, vae = _parts()
+    norm = SemanticNorm((0.5, -1.0, 2.0, 0.0), (0.3, 2.0, 1.0, 0.1))
+    plain = SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=LATENT_SHAPE)
+    normed = SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=LATENT_SHAPE, sem_norm=norm)
+    kw = {"steps": 2, "guidance": 2.0, "seed": 0, "progress": False, "return_intermediates": True, "decode": False}
+    _, raw = plain(["a red square"], **kw)
+    _, mapped = normed(["a red square"], **kw)
+    torch.testing.assert_close(mapped["z_sem"], norm.denormalize(raw["z_sem"]), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(mapped["latents"], raw["latents"])  # stage 2 saw the de-normalised tokens
+
+
 def test_prompt_and_guidance_change_the_result():
     pipe = _pipeline()
     kw = {"steps": 2, "seed": 0, "progress": False, "return_intermediates": True}
@@ -135,6 +149,15 @@ def test_rejects_incompatible_parts():
         SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=(4, 3, 4))
     with pytest.raises(ValueError, match="noise_level"):
         SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=LATENT_SHAPE, noise_level=1.5)
+    with pytest.raises(ValueError, match="sem_shift"):
+        SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=LATENT_SHAPE, sem_shift=0.0)
+    with pytest.raises(ValueError, match="latent_shift"):
+        SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=LATENT_SHAPE, latent_shift=True)
+    with pytest.raises(TypeError, match="sem_norm"):
+        SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=LATENT_SHAPE, sem_norm=(0.0, 1.0))
+    with pytest.raises(ValueError, match="sem_norm has 2 channels"):
+        bad = SemanticNorm((0.0, 0.0), (1.0, 1.0))
+        SemanticGenPipeline(sem, lat, text, vae, sem_shape=SEM_SHAPE, latent_shape=LATENT_SHAPE, sem_norm=bad)
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,8 @@ from semanticgen.train.checkpoint import list_checkpoints
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
-STEPS = ["--set=latent.steps=4", "--set=semantic.steps=4"]  # global steps 1-4 latent, 5-8 semantic
+# Global steps 1-4 latent, 5-8 semantic; the stages' timestep shifts differ so a test can tell which one sampling used.
+STEPS = ["--set=latent.steps=4", "--set=semantic.steps=4", "--set=semantic.timestep_shift=2.0"]
 
 
 @pytest.fixture(scope="module")
@@ -206,3 +207,61 @@ def test_latent_then_semantic_runs_equal_one_both_run(straight_run, tmp_path):
     assert sorted(got) == sorted(ref)
     for step in ref:
         assert abs(got[step] - ref[step]) <= 1e-6, (step, got[step], ref[step])
+
+
+def test_semantic_norm_round_trips_through_the_run(straight_run):
+    """The statistics stage 1 trained on are measured over the training clips, saved with the semantic stage's
+    checkpoints and exports, and handed to the pipeline unchanged."""
+    from semanticgen.data import SyntheticShapes
+    from semanticgen.encoders import build_semantic_encoder
+    from semanticgen.models import SemanticNorm
+    from semanticgen.runs import build_pipeline_from_run, load_run_models
+    from semanticgen.train.export import read_export_meta
+
+    metas = [read_export_meta(straight_run / n) for n in ("semantic.safetensors", "model.safetensors")]
+    metas += [c.meta for c in list_checkpoints(straight_run / "checkpoints")]
+    norms = {SemanticNorm.from_dict(m["semantic_norm"]) for m in metas}
+    assert len(norms) == 1
+    (norm,) = norms
+    assert "semantic_norm" not in read_export_meta(straight_run / "latent.safetensors")
+
+    # Measured independently: every clip of the (64-clip) dataset through the encoder and the trained compressor.
+    models, meta = load_run_models(straight_run)
+    cfg = meta["config"]
+    data = cfg["data"]
+    ds = SyntheticShapes(
+        data["num_samples"],
+        height=data["height"],
+        width=data["width"],
+        vae_frames=data["vae_frames"],
+        vae_fps=data["vae_fps"],
+        sem_frames=data["sem_frames"],
+        sem_fps=data["sem_fps"],
+        seed=cfg["seed"],
+    )
+    encoder = build_semantic_encoder(cfg["encoders"]["semantic"])
+    videos = torch.stack([ds[i]["sem_video"] for i in range(len(ds))])
+    with torch.no_grad():
+        z = models["compressor"].encode_mean(encoder.encode(videos)).double().flatten(0, -2)
+    assert torch.allclose(torch.tensor(norm.mean, dtype=torch.float64), z.mean(0), rtol=0, atol=1e-5)
+    assert torch.allclose(torch.tensor(norm.std, dtype=torch.float64), z.std(0, unbiased=False), rtol=1e-4, atol=0)
+
+    pipe = build_pipeline_from_run(straight_run, device="cpu")
+    assert pipe.sem_norm == norm
+
+
+def test_pipeline_samples_each_stage_with_its_trained_shift(straight_run, monkeypatch):
+    import semanticgen.pipeline as pipeline_module
+    from semanticgen.runs import build_pipeline_from_run
+
+    seen = []
+    real = pipeline_module.euler_sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["shift"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline_module, "euler_sample", spy)
+    pipe = build_pipeline_from_run(straight_run, device="cpu")
+    pipe(["a red square moving right"], steps=2, seed=0, progress=False)
+    assert seen == [2.0, 3.0]  # semantic.timestep_shift of STEPS, latent.timestep_shift of the tiny config

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 from .attention import CrossAttention, SelfAttention
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
-from .compressor import CompressorOutput, SemanticCompressor, gaussian_kl
+from .compressor import CompressorOutput, SemanticCompressor, SemanticNorm, gaussian_kl
 from .embeddings import TextProjection, TimestepEmbedder, patchify, sinusoidal_embedding, unpatchify
 from .init import init_weights
 from .latent_generator import LatentGenerator
-from .rope import apply_rope, grid_positions, rope_axis_dims, rope_tables, token_grid
+from .rope import apply_rope, grid_positions, rope_axis_dims, rope_tables, sincos_position_embedding, token_grid
 from .semantic_generator import SemanticGenerator
 from .wan import WAN_TEXT_LEN, WanBlock, WanFinalLayer, wan_text_states
 
 __all__ = [
     "SemanticCompressor",
+    "SemanticNorm",
     "CompressorOutput",
     "gaussian_kl",
     "SemanticGenerator",
@@ -40,6 +41,7 @@ __all__ = [
     "apply_rope",
     "rope_tables",
     "rope_axis_dims",
+    "sincos_position_embedding",
     "grid_positions",
     "token_grid",
     "init_weights",

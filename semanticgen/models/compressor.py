@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -36,6 +37,55 @@ def gaussian_kl(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     acc = torch.promote_types(mean.dtype, torch.float32)
     m, lv = mean.to(acc), logvar.to(acc)
     return 0.5 * (m.square() + lv.exp() - 1.0 - lv).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class SemanticNorm:
+    """Per-channel mean and std of the compressor's posterior means over a run's training data.
+
+    Stage 1 learns ``normalize(mean)``: unit-scale targets for a flow that starts from unit noise, whatever scale
+    and offset the KL weight left the compressed space at (the tiny run's channels had means up to 1.5 and stds
+    from 0.26 to 0.88). The pipeline maps stage 1's samples back with :meth:`denormalize` before stage 2, which
+    was trained on the raw posterior samples. ``mean``/``std``: ``dim`` floats; every ``std`` positive.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        mean, std = tuple(float(v) for v in self.mean), tuple(float(v) for v in self.std)
+        if not mean or len(mean) != len(std):
+            raise ValueError(f"SemanticNorm: mean and std must be equally long and non-empty, got {mean}, {std}")
+        if not all(math.isfinite(m) for m in mean) or not all(math.isfinite(s) and s > 0 for s in std):
+            raise ValueError(f"SemanticNorm: mean must be finite and std positive and finite, got {mean}, {std}")
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> SemanticNorm:
+        """From :meth:`to_dict`'s ``{"mean": [...], "std": [...]}`` (run metadata)."""
+        if not isinstance(values, dict) or set(values) != {"mean", "std"}:
+            raise ValueError(f"SemanticNorm: expected a dict with keys 'mean' and 'std', got {values!r}")
+        return cls(tuple(values["mean"]), tuple(values["std"]))
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    def _tables(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if z.shape[-1] != len(self.mean):
+            raise ValueError(f"SemanticNorm: tokens have {z.shape[-1]} channels, the statistics {len(self.mean)}")
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=z.device)
+        return mean, torch.tensor(self.std, dtype=torch.float32, device=z.device)
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """``(z - mean) / std`` per channel; ``z [..., dim]``, float32 out."""
+        mean, std = self._tables(z)
+        return (z.float() - mean) / std
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """``z * std + mean`` per channel (inverse of :meth:`normalize`); ``z [..., dim]``, float32 out."""
+        mean, std = self._tables(z)
+        return z.float() * std + mean
 
 
 class SemanticCompressor(nn.Module):

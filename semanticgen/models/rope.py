@@ -98,6 +98,18 @@ def rope_tables(positions: torch.Tensor, head_dim: int, *, theta: float = 10000.
     return torch.cos(ang).float(), torch.sin(ang).float()
 
 
+def sincos_position_embedding(positions: torch.Tensor, dim: int, *, theta: float = 10000.0) -> torch.Tensor:
+    """Absolute sin/cos embedding ``float32 [N, dim]`` of ``positions [N, 3]`` (time, height, width).
+
+    The same angles as :func:`rope_tables` with ``head_dim = dim`` (channels split over the three axes by
+    :func:`rope_axis_dims`), laid out as ``[cos, sin]`` pairs. Fixed, so it fits any clip length and grid.
+    """
+    if dim % 2:
+        raise ValueError(f"sincos_position_embedding: dim must be even, got {dim}")
+    cos, sin = rope_tables(positions, dim, theta=theta)
+    return torch.stack((cos, sin), dim=-1).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent channel pairs of ``x [B, N, H, D]`` by the angles in ``cos/sin [N, D/2]``.
 

@@ -63,6 +63,13 @@ class StageConfig:
     sem_noise_level: float = (
         0.1  # latent stage: noise mixed into z_sem during training (the paper adds it at inference)
     )
+    # Semantic stage: train on tokens normalised per channel by their mean and std over the first
+    # ``norm_clips`` training clips (measured with the frozen compressor before the first step).
+    normalize_tokens: bool = True
+    norm_clips: int = 1024
+    # Latent stage: false trains the one-stage text-to-latent baseline (no semantic tokens in context, no compressor),
+    # the "VAE latent space" comparison of the paper; such a run has no semantic stage.
+    semantic_tokens: bool = True
 
 
 @dataclass
@@ -178,12 +185,22 @@ class TrainConfig:
                     f"parallel.context_parallel = {self.parallel.context_parallel} needs "
                     f"model.latent_generator.attention = 'swin' (windows split the clip over ranks), got {attention!r}"
                 )
+            if not self.latent.semantic_tokens:
+                raise ValueError(
+                    "latent.semantic_tokens = false (the text-to-latent baseline) has no context parallelism: set "
+                    "parallel.context_parallel = 1"
+                )
             if "latent" not in self.stage_list():
                 raise ValueError(
                     f"parallel.context_parallel = {self.parallel.context_parallel} applies to the latent stage only; "
                     f"stage = {self.stage!r} trains the semantic stage, which is data parallel over the whole world: "
                     "set context_parallel = 1"
                 )
+        if not self.latent.semantic_tokens and self.stage != "latent":
+            raise ValueError(
+                "latent.semantic_tokens = false trains the one-stage text-to-latent baseline, which has no semantic "
+                f"stage: set stage = 'latent' (got {self.stage!r})"
+            )
         for name in ("latent", "semantic"):
             stage: StageConfig = getattr(self, name)
             if stage.steps < 0:
@@ -192,6 +209,8 @@ class TrainConfig:
                 raise ValueError(f"{name}.optim.grad_accum must be >= 1, got {stage.optim.grad_accum}")
             if stage.optim.schedule not in ("cosine", "constant"):
                 raise ValueError(f"{name}.optim.schedule must be 'cosine' or 'constant', got {stage.optim.schedule!r}")
+            if stage.norm_clips < 1:
+                raise ValueError(f"{name}.norm_clips must be >= 1, got {stage.norm_clips}")
             if not 0.0 <= stage.text_dropout < 1.0:
                 raise ValueError(f"{name}.text_dropout must be in [0, 1), got {stage.text_dropout}")
         ae = self.autoencoder

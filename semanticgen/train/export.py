@@ -50,6 +50,9 @@ def models_from_meta(meta: dict[str, Any]) -> dict[str, nn.Module]:
     out = {}
     for name, values in configs.items():
         cls = MODEL_CLASSES[name]
+        if name == "semantic_generator" and "abs_pos" not in values:
+            # Written before the absolute position embedding existed: the model was trained without it.
+            values = {**values, "abs_pos": False}
         out[name] = cls(cls.Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}))
     return out
 
@@ -151,7 +154,7 @@ def collect_run_weights(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], d
             "step": m.get("step"),
             "source": str(stage_file if stage_file.is_file() else ckpts[-1].path),
         }
-        for key in ("config", "model_configs", "shapes"):
+        for key in ("config", "model_configs", "shapes", "semantic_norm"):
             if key in m:
                 if isinstance(m[key], dict) and isinstance(meta.get(key), dict):
                     meta[key] = {**meta[key], **m[key]}

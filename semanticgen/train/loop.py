@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
+from semanticgen.models import SemanticCompressor, SemanticNorm
 from semanticgen.models.wan import load_wan
 from semanticgen.ops import WindowLayout
 from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
@@ -45,6 +46,7 @@ from .export import (
 )
 from .metrics import MetricsWriter, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
+from .semantic_norm import measure_semantic_norm
 from .sharding import init_units, load_full_state, materialize, set_gradient_sync, shard_model
 from .stages import DataWidths, build_models, build_stage, init_from_paths, model_configs_from_tables
 
@@ -105,8 +107,8 @@ def _prepare(ctx: RunContext, batch: dict[str, Any]) -> dict[str, Any]:
     return ctx.encoders.encode_batch(batch, ctx.info.device)
 
 
-def _load_compressor_from_latent_stage(ctx: RunContext, compressor: nn.Module) -> str:
-    """The semantic stage's frozen compressor: from ``RUN_DIR/latent.safetensors``."""
+def _latent_stage_compressor(ctx: RunContext) -> dict[str, torch.Tensor]:
+    """The semantic stage's frozen compressor: its full state dict from ``RUN_DIR/latent.safetensors``."""
     path = ctx.run_dir / "latent.safetensors"
     if not path.is_file():
         raise UsageError(
@@ -114,18 +116,65 @@ def _load_compressor_from_latent_stage(ctx: RunContext, compressor: nn.Module) -
             "(train with stage = 'both', or train stage 'latent' into this run directory first)"
         )
     tensors, _ = read_export(path)
-    sd = {k[len("compressor.") :]: v for k, v in tensors.items() if k.startswith("compressor.")}
-    load_full_state(compressor, sd)  # each rank keeps its shard
-    return str(path)
+    return {k[len("compressor.") :]: v for k, v in tensors.items() if k.startswith("compressor.")}
 
 
-def _stage_meta(ctx: RunContext, span: StageSpan, models: dict[str, nn.Module], shapes: dict | None) -> dict[str, Any]:
-    return {
+def _semantic_norm(ctx: RunContext, compressor_sd: dict[str, torch.Tensor], resume_meta: dict | None) -> SemanticNorm:
+    """Stage 1's token statistics: those of the checkpoint being resumed, else measured now on an unsharded copy of
+    the (small) compressor, so the sharded stage's FSDP units run no forward outside the stage's own."""
+    saved = (resume_meta or {}).get("semantic_norm")
+    if saved is not None:
+        return SemanticNorm.from_dict(saved)
+    cfg, info = ctx.cfg, ctx.info
+    comp_cfg = model_configs_from_tables(cfg.model, ctx.widths)["compressor"]
+    compressor = SemanticCompressor(comp_cfg)
+    compressor.load_state_dict(compressor_sd)
+    compressor.to(info.device).eval()
+
+    def features(batch: dict[str, Any]) -> torch.Tensor:
+        if "sem_features" in batch:  # pre-encoded shards
+            return batch["sem_features"].to(info.device).float()
+        return ctx.encoders.semantic.encode(batch["sem_video"].to(info.device)).float()
+
+    t0 = time.perf_counter()
+    norm = measure_semantic_norm(
+        compressor,
+        ctx.dataset,
+        features,
+        clips=cfg.semantic.norm_clips,
+        micro_batch_size=cfg.data.micro_batch_size,
+        rank=info.rank,
+        world_size=info.world_size,
+        seed=cfg.seed,
+        device=info.device,
+    )
+    if info.is_main:
+        logger.info(
+            "semantic token statistics over %d clips in %.1f s: mean %s, std %s",
+            min(cfg.semantic.norm_clips, len(ctx.dataset)),
+            time.perf_counter() - t0,
+            [round(v, 4) for v in norm.mean],
+            [round(v, 4) for v in norm.std],
+        )
+    return norm
+
+
+def _stage_meta(
+    ctx: RunContext,
+    span: StageSpan,
+    models: dict[str, nn.Module],
+    shapes: dict | None,
+    norm: SemanticNorm | None = None,
+) -> dict[str, Any]:
+    meta = {
         "stage": span.name,
         "config": ctx.cfg.to_dict(),
         "model_configs": model_configs({n: models[n] for n in STAGE_MODULES[span.name]}),
         "shapes": shapes or {},
     }
+    if norm is not None:
+        meta["semantic_norm"] = norm.to_dict()
+    return meta
 
 
 def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -> bool:
@@ -148,8 +197,10 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
                 source = load_wan(models[name], path)
                 if info.is_main:
                     logger.info("%s: loaded Wan weights from %s (%d bytes on rank 0)", name, path, source.bytes_read)
+    compressor_sd = None
     if span.name == "semantic":
-        _load_compressor_from_latent_stage(ctx, stage.compressor)
+        compressor_sd = _latent_stage_compressor(ctx)
+        load_full_state(stage.compressor, compressor_sd)  # each rank keeps its shard
     # Context parallelism is for the latent stage; the semantic stage is data parallel over the whole world.
     cp_size = info.cp_size if span.name == "latent" else 1
     if cp_size > 1:
@@ -161,12 +212,17 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
     scheduler = build_scheduler(optimizer, stage_cfg.steps, stage_cfg.optim)
     counters = {"step": span.begin, "data_position": 0}
     state = TrainState(stage, optimizer, scheduler, counters)
-    shapes = None
+    shapes = resume_meta = None
     if resume is not None:
-        meta = load_checkpoint(resume.path, state)
+        resume_meta = meta = load_checkpoint(resume.path, state)
         shapes = meta.get("shapes") or None
         if info.is_main:
             logger.info("resumed %s stage from %s (step %d)", span.name, resume.path, counters["step"])
+    norm = None
+    if span.name == "semantic" and stage_cfg.normalize_tokens:
+        norm = _semantic_norm(ctx, compressor_sd, resume_meta)
+        stage.norm = norm
+    del compressor_sd
     step = counters["step"]
     end = min(span.end, ctx.stop_step)
     accum = stage_cfg.optim.grad_accum
@@ -240,16 +296,15 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
         progress.update({"loss": f"{record['loss']:.4f}", "lr": f"{lr:.2e}"})
         if step % cfg.checkpoint.save_every == 0 or step == end:
             save_checkpoint(
-                ctx.ckpt_root, step, state, _stage_meta(ctx, span, models, shapes), cfg.checkpoint.keep_last
+                ctx.ckpt_root, step, state, _stage_meta(ctx, span, models, shapes, norm), cfg.checkpoint.keep_last
             )
     progress.close()
     finished = step >= span.end
     if finished:
         sd = full_state_dict(stage)
         if info.is_main:
-            write_safetensors(
-                sd, dict(_stage_meta(ctx, span, models, shapes), step=step), ctx.run_dir / f"{span.name}.safetensors"
-            )
+            meta = dict(_stage_meta(ctx, span, models, shapes, norm), step=step)
+            write_safetensors(sd, meta, ctx.run_dir / f"{span.name}.safetensors")
         barrier()
     del stage, optimizer, state
     return finished

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator, patchify
+from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator, SemanticNorm, patchify
 from semanticgen.parallel import ContextGroup
 from semanticgen.rectified_flow import flow_matching_loss, flow_noising, sample_timesteps
 
@@ -225,6 +225,8 @@ class LatentStage(_Stage):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["sample_id"]
         x0 = batch["latents"]  # [B, C, T, H, W]
+        if not self.cfg.semantic_tokens:
+            return self._text_to_latent(batch, ids, x0)
         comp = self.compressor(batch["sem_features"], sample=False)  # z = mean; the sample is drawn per sample below
         sem_eps = per_sample_randn(tuple(comp.mean.shape[1:]), ids, self.seed, self.name, _SEM_EPS)
         z_sem = comp.mean + torch.exp(0.5 * comp.logvar) * sem_eps.to(comp.mean.device, comp.mean.dtype)
@@ -258,10 +260,30 @@ class LatentStage(_Stage):
         tokens = torch.tensor(float(tokens) / cp_size)
         return loss, {"flow_loss": fm.detach(), "kl": kl.detach(), "tokens": tokens}
 
+    def _text_to_latent(
+        self, batch: dict[str, Any], ids: torch.Tensor, x0: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``latent.semantic_tokens = false``: the one-stage text-to-latent baseline. The generator sees no semantic
+        token (``z_sem [B, 0, Ss, dim]``) and the compressor is not used; the loss is the flow-matching loss only."""
+        if self.cp is not None and self.cp.size > 1:
+            raise ValueError("the text-to-latent baseline (latent.semantic_tokens = false) has no context parallelism")
+        b, _, ss = batch["sem_features"].shape[:3]
+        z_sem = x0.new_zeros(b, 0, ss, self.compressor.config.dim)
+        text, mask = self._text(batch, ids)
+        eps, t = self._noise_and_time(x0, ids)
+        x_t, _ = flow_noising(x0, eps, t)
+        fm = flow_matching_loss(self.latent_generator(x_t, t, text, mask, z_sem).float(), x0, eps)
+        pt, ph, pw = self.latent_generator.config.patch
+        tv, hv, wv = x0.shape[2:]
+        tokens = torch.tensor(float(x0.shape[0] * (tv // pt) * (hv // ph) * (wv // pw)))
+        return fm, {"flow_loss": fm.detach(), "kl": torch.zeros((), device=fm.device), "tokens": tokens}
+
 
 class SemanticStage(_Stage):
     """Stage 1 of the method, trained second: the semantic generator learns to produce the (frozen) compressor's
-    posterior means of real videos from text. ``loss = flow_matching(semantic_generator(z_t, t, text), mean)``."""
+    posterior means of real videos from text. ``loss = flow_matching(semantic_generator(z_t, t, text), target)``
+    with ``target = norm.normalize(mean)`` when ``self.norm`` (a :class:`~semanticgen.models.SemanticNorm` measured
+    over the training data) is set, else the raw ``mean``."""
 
     name = "semantic"
 
@@ -269,12 +291,15 @@ class SemanticStage(_Stage):
         super().__init__(cfg, seed, null_text)
         self.semantic_generator, self.compressor = semantic_generator, compressor
         self.compressor.requires_grad_(False)
+        self.norm: SemanticNorm | None = None
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ids = batch["sample_id"]
         with torch.no_grad():
             # forward (not encode_mean) so FSDP gathers the compressor and casts its input; z = mean with sample=False
             x0 = self.compressor(batch["sem_features"], sample=False).mean.float()  # [B, Ts, Ss, dim]
+        if self.norm is not None:
+            x0 = self.norm.normalize(x0)
         text, mask = self._text(batch, ids)
         eps, t = self._noise_and_time(x0, ids)
         x_t, _ = flow_noising(x0, eps, t)

@@ -53,8 +53,7 @@ def build_pipeline_from_run(
     ``timestep_shift`` it was trained with, and stage 1's samples are de-normalised with the run's
     ``semantic_norm`` statistics (runs trained with ``semantic.normalize_tokens``).
     """
-    from semanticgen.encoders import build_text_encoder, build_vae
-    from semanticgen.encoders.learned_vae import run_vae_spec
+    from semanticgen.encoders import build_text_encoder, build_vae, run_vae_spec
     from semanticgen.pipeline import SemanticGenPipeline
 
     models, meta = load_run_models(run_dir)

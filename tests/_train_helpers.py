@@ -18,6 +18,9 @@ SMALL = [
     "--set=log.progress=false",
     "--set=latent.optim.warmup_steps=2",
     "--set=semantic.optim.warmup_steps=2",
+    "--set=autoencoder.steps=3",  # when the config trains a learned VAE first
+    "--set=autoencoder.warmup_steps=1",
+    "--set=autoencoder.stats_clips=16",
 ]
 
 
@@ -56,8 +59,10 @@ def run_train(nproc: int, run_dir: Path, *extra: str, config: Path = TINY, timeo
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{shown}")
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+def metrics(run_dir: Path, *, autoencoder: bool = False) -> list[dict]:
+    """The records of ``metrics.jsonl``: the latent and semantic stages' (or only the learned VAE's)."""
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in recs if (r.get("stage") == "autoencoder") == autoencoder]
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -1,8 +1,8 @@
 """Video and text encoders: the semantic encoder, the video VAE and the text encoder of both stages.
 
 Weight-free encoders (:class:`PixelVAE`, :class:`PixelSemanticEncoder`, :class:`HashTextEncoder`) need no
-checkpoint; checkpoint-backed ones load from local directories only. Classes that import heavy optional
-libraries are imported on first use.
+checkpoint; :class:`LearnedVideoAE` is trained by a run as its first stage; checkpoint-backed ones load from local
+directories only. Classes that import heavy optional libraries are imported on first use.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib
 from typing import Any
 
 from .factory import build_semantic_encoder, build_text_encoder, build_vae
+from .learned_vae import LearnedVideoAE, run_vae_spec
 from .pixel import PixelSemanticEncoder, PixelVAE
 from .protocols import SemanticEncoder, TextEncoder, VideoVAE, check_video
 from .text import HashTextEncoder, HFTextEncoder
@@ -23,6 +24,8 @@ __all__ = [
     "TextEncoder",
     "check_video",
     "PixelVAE",
+    "LearnedVideoAE",
+    "run_vae_spec",
     "PixelSemanticEncoder",
     "HashTextEncoder",
     "HFTextEncoder",

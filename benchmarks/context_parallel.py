@@ -15,6 +15,11 @@ windows and back-propagates the training loss (each rank's squared error over it
   (``ContextGroup.overlap``); ``step_ms_blocking`` the same step waiting for the halo before each layer, timed in
   the same processes between two runs of the overlapped steps (so linear drift falls on both); ``overlap_speedup``
   is ``step_ms_blocking / step_ms`` (above 1: the overlap helps). Memory and bytes are the overlapped path's.
+* CP > 1 only, the training path: the same processes then shard the model as training does
+  (:func:`~semanticgen.train.sharding.shard_model`: ``fully_shard`` per block, fp32, over both ranks) and time
+  the step again, overlapped and blocking: ``fsdp_step_ms``, ``fsdp_step_ms_blocking``, ``fsdp_overlap_speedup``,
+  and ``fsdp_all_gathers`` / ``fsdp_all_gathers_blocking``, FSDP's parameter all-gathers per step on each path
+  (equal: an overlapped block is one FSDP call, ``forward_split``).
 
 Rows: CP 1 with 1 thread, CP 1 with 2 threads (the same cores as CP 2) and CP 2 with 1 thread per rank. On a
 2-core machine CP 2 can at best halve the 1-thread time: the time gain is bounded by the cores, the memory gain is
@@ -139,21 +144,24 @@ def _worker(rank: int, size: int, threads: int, store_path: str, case: Case, res
         goal_all = patchify(target, model.patch)
         rss_before = _max_rss_mb()
 
-        def step(overlap: bool) -> int:
+        def step(overlap: bool, net=None) -> int:
             cp.overlap = overlap
-            pred, index = model.forward_context_parallel(*inputs, cp)
-            loss = (pred - goal_all.index_select(1, index)).square().sum() / target.numel()
+            if net is None:
+                pred, index = model.forward_context_parallel(*inputs, cp)
+                loss = (pred - goal_all.index_select(1, index)).square().sum() / target.numel()
+            else:
+                loss, index = net(inputs, cp)
             loss.backward()
-            model.zero_grad(set_to_none=True)
+            (net or model).zero_grad(set_to_none=True)
             return index.numel()
 
-        def timed(overlap: bool) -> list[float]:
+        def timed(overlap: bool, net=None) -> list[float]:
             times = []
             for _ in range(case.steps):
                 if size > 1:
                     dist.barrier()
                 t0 = time.perf_counter()
-                step(overlap)
+                step(overlap, net)
                 if size > 1:
                     dist.barrier()  # the step ends when the slowest rank is done
                 times.append((time.perf_counter() - t0) * 1e3)
@@ -167,11 +175,14 @@ def _worker(rank: int, size: int, threads: int, store_path: str, case: Case, res
         # lifetime peak by about 100 MB more (allocator reuse), though both save the same tensors within 0.5 MB.
         peak_rss, step_rss = _max_rss_mb(), _max_rss_mb() - rss_before
         blocking = None
+        fsdp = {}
         if size > 1:  # only CP > 1 has a halo to overlap
             step(False)  # warm-up
             blocking = timed(False)
             times += timed(True)  # overlapped, blocking, overlapped: linear drift falls on both
+            fsdp = _fsdp_timings(model, inputs, goal_all, target.numel(), cp, timed_fn=timed, step_fn=step)
         results[rank] = {
+            **fsdp,
             "ms": statistics.median(times),
             "ms_blocking": statistics.median(blocking) if blocking else None,
             "bytes": sent,
@@ -182,6 +193,57 @@ def _worker(rank: int, size: int, threads: int, store_path: str, case: Case, res
     finally:
         if size > 1:
             dist.destroy_process_group()
+
+
+class _LossStage(torch.nn.Module):
+    """What a training stage is to FSDP: the root unit, whose forward calls the generator's CP entry point and
+    returns this rank's share of the loss and its VAE token indices."""
+
+    def __init__(self, generator, goal: torch.Tensor, numel: int) -> None:
+        super().__init__()
+        self.latent_generator = generator
+        self.goal, self.numel = goal, numel  # plain attributes: not parameters or buffers
+
+    def forward(self, inputs, cp):
+        pred, index = self.latent_generator.forward_context_parallel(*inputs, cp)
+        return (pred - self.goal.index_select(1, index)).square().sum() / self.numel, index
+
+
+def _fsdp_timings(model, inputs, goal, numel: int, cp, *, timed_fn, step_fn) -> dict:
+    """Shard ``model`` in place as training does and time its step, overlapped and blocking (see module docstring)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from semanticgen.train.config import ParallelConfig
+    from semanticgen.train.sharding import shard_model
+
+    net = _LossStage(model, goal, numel)
+    shard_model(net, init_device_mesh("cpu", (cp.size,)), ParallelConfig(), torch.device("cpu"))
+    gathers = []
+    all_gather_single = dist.all_gather_single
+
+    def counted(*args, **kwargs):  # FSDP2's parameter all-gather (torch 2.14)
+        gathers.append(1)
+        return all_gather_single(*args, **kwargs)
+
+    dist.all_gather_single = counted
+    try:
+        counts = {}
+        for overlap in (True, False):  # also the warm-up of each path (FSDP's lazy initialisation on the first)
+            gathers.clear()
+            step_fn(overlap, net)
+            counts[overlap] = len(gathers)
+        times = timed_fn(True, net)
+        blocking = timed_fn(False, net)
+        times += timed_fn(True, net)  # overlapped, blocking, overlapped, as for the unsharded step
+    finally:
+        dist.all_gather_single = all_gather_single
+    return {
+        "fsdp_ms": statistics.median(times),
+        "fsdp_ms_blocking": statistics.median(blocking),
+        "fsdp_all_gathers": counts[True],
+        "fsdp_all_gathers_blocking": counts[False],
+    }
 
 
 def measure_config(case: Case, size: int, threads: int) -> dict:
@@ -198,6 +260,17 @@ def measure_config(case: Case, size: int, threads: int) -> dict:
         manager.shutdown()
     blocking = max(r["ms_blocking"] for r in per_rank) if size > 1 else None
     step_ms = max(r["ms"] for r in per_rank)
+    fsdp = {}
+    if size > 1:
+        fsdp_ms = max(r["fsdp_ms"] for r in per_rank)
+        fsdp_blocking = max(r["fsdp_ms_blocking"] for r in per_rank)
+        fsdp = {
+            "fsdp_step_ms": fsdp_ms,
+            "fsdp_step_ms_blocking": fsdp_blocking,
+            "fsdp_overlap_speedup": fsdp_blocking / fsdp_ms,
+            "fsdp_all_gathers": max(r["fsdp_all_gathers"] for r in per_rank),
+            "fsdp_all_gathers_blocking": max(r["fsdp_all_gathers_blocking"] for r in per_rank),
+        }
     return {
         "suite": "cp",
         "case": case.name,
@@ -212,6 +285,7 @@ def measure_config(case: Case, size: int, threads: int) -> dict:
         "step_rss_mb": max(r["step_rss_mb"] for r in per_rank),
         "bytes_sent_per_rank": max(r["bytes"] for r in per_rank),
         "halo_formula_bytes": max(halo_bytes(case, size, r) for r in range(size)),
+        **fsdp,
     }
 
 
@@ -228,7 +302,8 @@ def skip_reason(device: str) -> str | None:
 
 
 def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
-    """Rows for CP 1 (1 and 2 threads) and CP 2 (1 thread per rank; overlapped and blocking halo) on one clip."""
+    """Rows for CP 1 (1 and 2 threads) and CP 2 (1 thread per rank; overlapped and blocking halo, unsharded and
+    FSDP-sharded) on one clip."""
     reason = skip_reason(device)
     if reason is not None:
         print(f"context_parallel: {reason}")

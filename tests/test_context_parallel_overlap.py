@@ -1,5 +1,5 @@
 """The halo exchange overlapped with the interior windows: the split's maths, and on 2 gloo ranks the same
-outputs, gradients and bytes as the blocking exchange."""
+outputs, gradients and bytes as the blocking exchange, unsharded and with FSDP2 block units (as many all-gathers)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from semanticgen.models import LatentGenerator, patchify
 from semanticgen.ops import WindowLayout
@@ -93,6 +94,22 @@ def _loss(model, inputs, target, cp):
     return (pred - goal).square().sum() / target.numel()
 
 
+def _record_block_calls(model, calls: list, events: list) -> None:
+    """Record ``(block, tokens)`` for every run of a block's ``forward`` (a whole layer, or one part of
+    ``forward_split``, which calls ``forward`` without ``__call__``'s hooks), and ``("grad", block, k)`` in
+    ``events`` when the input gradient of that block's k-th run is done."""
+
+    def record(forward, x, *args, i):
+        k = sum(c[0] == i for c in calls)
+        calls.append((i, x.shape[1]))
+        if x.requires_grad:
+            x.register_hook(lambda g: events.append(("grad", i, k)))
+        return forward(x, *args)
+
+    for i, block in enumerate(model.blocks):
+        block.forward = functools.partial(record, block.forward, i=i)
+
+
 def _worker(rank: int, world: int, store_path: str, frames: int, results: dict) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -107,14 +124,7 @@ def _worker(rank: int, world: int, store_path: str, frames: int, results: dict) 
         # done; ("post",) for every batch of P2P ops the overlapped exchange starts.
         events = []
 
-        def record(_module, args, i):
-            k = sum(c[0] == i for c in calls)
-            calls.append((i, args[0].shape[1]))
-            if args[0].requires_grad:
-                args[0].register_hook(lambda g: events.append(("grad", i, k)))
-
-        for i, block in enumerate(model.blocks):
-            block.register_forward_pre_hook(functools.partial(record, i=i))
+        _record_block_calls(model, calls, events)
         post = overlap_module.post_p2p
 
         def counted_post(*args):
@@ -149,6 +159,28 @@ def _err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return (got.double() - ref).abs().max().item()
 
 
+def _assert_as_accurate(got: dict, blocking: dict, ref: dict) -> None:
+    """The house rule: each of ``got`` and ``blocking`` (name -> fp32 tensor) is within 2x the other's error against
+    the fp64 ``ref``, with a floor of 4 ulps of the reference's magnitude."""
+    eps = torch.finfo(torch.float32).eps
+    for name, r in ref.items():
+        a, b = got[name], blocking[name]
+        floor = 4 * eps * r.abs().max().item()
+        assert _err(a, r) <= 2 * _err(b, r) + floor, (name, _err(a, r), _err(b, r))
+        assert _err(b, r) <= 2 * _err(a, r) + floor, (name, _err(a, r), _err(b, r))
+
+
+def _expected_calls(plan: ContextPlan, rank: int, depth: int) -> tuple[list, list]:
+    """``(block, tokens)`` of every block run, blocking and overlapped: after each parity change the overlapped path
+    runs the interior windows first, then the boundary window (one run where one of them is empty)."""
+    sizes = [e - s for s, e in (plan.token_range(rank, i % 2 == 1) for i in range(depth))]
+    overlapped = [(0, sizes[0])]
+    for i in range(1, depth):
+        split = plan.halo_split(rank, i % 2 == 1)
+        overlapped += [(i, e - s) for s, e in (split.interior, split.boundary) if e > s]
+    return list(enumerate(sizes)), overlapped
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("frames", list(CASES.values()), ids=list(CASES))
 def test_overlapped_exchange_equals_blocking(frames, tmp_path):
@@ -163,30 +195,20 @@ def test_overlapped_exchange_equals_blocking(frames, tmp_path):
     results = manager.dict()
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), frames, results), nprocs=2, join=True)
     plan = ContextPlan.build(model.window_layout(frames, 2 * 3, 3, 5), 2)
-    depth, eps = model.config.depth, torch.finfo(torch.float32).eps
+    depth = model.config.depth
     for rank in (0, 1):
         got, blocking = results[rank][True], results[rank][False]
-        # Splitting a layer into two calls changes how matmuls block their rows, so the paths differ in the last
-        # bits (3.6e-7 at most on the output here): each must be within 2x the other's error against fp64 (the
-        # house rule), with a floor of 4 ulps of the reference's magnitude.
-        pairs = [
-            ("out", got["gathered"], blocking["gathered"], ref_out),
-            ("loss", got["loss"], blocking["loss"], ref_loss),
-        ]
-        pairs += [(n, got["grads"][n], blocking["grads"][n], p.grad) for n, p in model.named_parameters()]
-        for name, a, b, ref in pairs:
-            floor = 4 * eps * ref.abs().max().item()
-            assert _err(a, ref) <= 2 * _err(b, ref) + floor, (name, _err(a, ref), _err(b, ref))
-            assert _err(b, ref) <= 2 * _err(a, ref) + floor, (name, _err(a, ref), _err(b, ref))
+        # Splitting a layer into two parts changes how matmuls block their rows, so the paths differ in the last
+        # bits (3.6e-7 at most on the output here).
+        ref = {"out": ref_out, "loss": ref_loss, **{n: p.grad for n, p in model.named_parameters()}}
+        _assert_as_accurate(
+            {"out": got["gathered"], "loss": got["loss"], **got["grads"]},
+            {"out": blocking["gathered"], "loss": blocking["loss"], **blocking["grads"]},
+            ref,
+        )
         assert got["sent"] == blocking["sent"] == depth * sum(plan.handover(rank)) * 2 * model.config.hidden * 4
-        # Blocking: one call per block on all of the rank's tokens. Overlapped: after each parity change the
-        # interior windows first, then the boundary window (one call where one of them is empty).
-        sizes = [e - s for s, e in (plan.token_range(rank, i % 2 == 1) for i in range(depth))]
-        assert blocking["calls"] == list(enumerate(sizes))
-        expected = [(0, sizes[0])]
-        for i in range(1, depth):
-            split = plan.halo_split(rank, i % 2 == 1)
-            expected += [(i, e - s) for s, e in (split.interior, split.boundary) if e > s]
+        expected_blocking, expected = _expected_calls(plan, rank, depth)
+        assert blocking["calls"] == expected_blocking
         assert got["calls"] == expected
         # Backward overlaps too: where a layer has both parts and this rank received a block, the gradient of that
         # block is posted (back to its sender) after the boundary window's backward and before the interior's.
@@ -198,3 +220,107 @@ def test_overlapped_exchange_equals_blocking(frames, tmp_path):
                 ev = got["events"]
                 b, n = ev.index(("grad", i, 1)), ev.index(("grad", i, 0))  # interior ran first in forward
                 assert b < n and ("post",) in ev[b:n], (i, ev)
+
+
+# ------------------------------------------------------------------------------ FSDP2 units (the training path)
+class _Stage(nn.Module):
+    """What a training stage is to FSDP: the root unit, whose forward calls the generator's CP entry point."""
+
+    def __init__(self, generator: LatentGenerator) -> None:
+        super().__init__()
+        self.latent_generator = generator
+
+    def forward(self, inputs, target, cp):
+        return _loss(self.latent_generator, inputs, target, cp)
+
+
+def _fsdp_worker(rank: int, world: int, store_path: str, frames: int, checkpointing: bool, results: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from semanticgen.train.config import ParallelConfig
+    from semanticgen.train.sharding import shard_model
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        model, inputs, target = _model_and_inputs(frames)
+        model.float()
+        inputs = tuple(v.float() if v.is_floating_point() else v for v in inputs)
+        target = target.float()
+        calls, events = [], []
+        _record_block_calls(model, calls, events)
+        stage = _Stage(model)
+        # As training shards the stage: fully_shard per block (forward_split registered), then the generator, then
+        # the root; fp32 on CPU; parameters sharded over both ranks, which are also the CP group.
+        parallel = ParallelConfig(activation_checkpointing=checkpointing)
+        shard_model(stage, init_device_mesh("cpu", (world,)), parallel, torch.device("cpu"))
+        gathers = []
+        all_gather_single = dist.all_gather_single
+
+        def counted(*args, **kwargs):  # FSDP2's parameter all-gather (torch 2.14: dist.all_gather_single)
+            gathers.append(args[0].numel())
+            return all_gather_single(*args, **kwargs)
+
+        dist.all_gather_single = counted
+
+        def step(overlap: bool) -> dict:
+            cp = ContextGroup.from_group(overlap=overlap)
+            stage.zero_grad(set_to_none=True)
+            calls.clear()
+            gathers.clear()
+            COMM_COUNTER.reset()
+            loss = stage(inputs, target, cp)
+            loss.backward()
+            out = dict(gathers=len(gathers), gathered_elements=sum(gathers), sent=COMM_COUNTER.bytes_sent)
+            out["calls"] = list(calls)
+            loss = loss.detach().clone()
+            dist.all_reduce(loss)
+            # FSDP averages the ranks' gradients; each rank's loss is its share of the clip's: the sum is the clip's.
+            grads = {
+                n.removeprefix("latent_generator.").replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
+                * world
+                for n, p in stage.named_parameters()
+            }
+            return dict(out, loss=loss, grads=grads)
+
+        step(False)  # warm-up: FSDP's lazy initialisation, layouts, plans
+        results[rank] = {overlap: step(overlap) for overlap in (True, False)}
+    finally:
+        dist.destroy_process_group()
+
+
+FSDP_CASES = {"interior windows": (9, False), "interior windows, checkpointing": (9, True), "boundary only": (5, False)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("frames, checkpointing", list(FSDP_CASES.values()), ids=list(FSDP_CASES))
+def test_overlap_under_fsdp_gathers_once_per_layer(frames, checkpointing, tmp_path):
+    """The training path: blocks are FSDP2 units (``shard_model``), 2 gloo ranks. The overlapped step all-gathers
+    exactly as often as the blocking step (each block's ``forward_split`` is one FSDP call), runs each block after a
+    parity change as interior then boundary, gives loss and gradients as accurate as the blocking step's (against
+    one fp64 process) and sends the plan's bytes (activation checkpointing's recomputation resends nothing)."""
+    model, inputs, target = _model_and_inputs(frames)
+    ref_loss = (model(*inputs) - target).square().mean()
+    ref_loss.backward()
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "store"), frames, checkpointing, results), nprocs=2, join=True)
+    plan = ContextPlan.build(model.window_layout(frames, 2 * 3, 3, 5), 2)
+    depth = model.config.depth
+    ref = {"loss": ref_loss, **{n: p.grad for n, p in model.named_parameters()}}
+    for rank in (0, 1):
+        got, blocking = results[rank][True], results[rank][False]
+        # Forward: every block and the generator's own parameters once; backward: again for every unit resharded
+        # after forward (all blocks but the last, and the generator). A second call per layer would add a gather
+        # in forward and one in backward for each split layer (the first version's probe: 7 became 12 at depth 3).
+        assert got["gathers"] == blocking["gathers"] == 2 * depth + 1, (got["gathers"], blocking["gathers"])
+        assert got["gathered_elements"] == blocking["gathered_elements"]
+        _assert_as_accurate({"loss": got["loss"], **got["grads"]}, {"loss": blocking["loss"], **blocking["grads"]}, ref)
+        assert got["sent"] == blocking["sent"] == depth * sum(plan.handover(rank)) * 2 * model.config.hidden * 4
+        expected_blocking, expected = _expected_calls(plan, rank, depth)
+        # Checkpointing reruns every block's forward (both parts of a split one) in backward, once.
+        runs = 2 if checkpointing else 1
+        assert got["calls"][: len(expected)] == expected and len(got["calls"]) == runs * len(expected)
+        assert blocking["calls"][: len(expected_blocking)] == expected_blocking
+        assert len(blocking["calls"]) == runs * len(expected_blocking)

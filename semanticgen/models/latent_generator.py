@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
 
 from semanticgen.ops import WindowLayout, WindowShard
-from semanticgen.parallel import ContextGroup, gather_tokens, shift_ownership, shift_ownership_overlapped
+from semanticgen.parallel import ContextGroup, HaloSplit, gather_tokens, shift_ownership, shift_ownership_overlapped
 
 from ._validation import check_conditioning, check_tensor
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
@@ -316,11 +315,11 @@ class LatentGenerator(nn.Module):
 
         With ``cp.overlap`` (the default) each block after a parity change runs first on the windows that need
         no moved block, while the block is in flight, then on the boundary window
-        (:func:`~semanticgen.parallel.shift_ownership_overlapped`; in backward the reverse), except for blocks
-        that are FSDP units, which wait for the halo (training, as :func:`~semanticgen.train.sharding.shard_model`
-        wraps it): FSDP2 gathers a unit's parameters again for a second call, in forward and in backward
-        (counted on gloo: 7 all-gathers per step became 12 for 3 blocks called twice), and at Wan-14B one block's
-        parameters are 0.7 GB in bf16 against a 0.17 GB halo. Both paths give the same values.
+        (:func:`~semanticgen.parallel.shift_ownership_overlapped`; in backward the reverse). Both parts are one
+        call, :meth:`~semanticgen.models.blocks.SplitForward.forward_split`, for plain and FSDP-unit blocks alike:
+        :func:`~semanticgen.train.sharding.shard_model` registers it as an FSDP forward method, so a sharded block
+        is gathered once per layer, as in the blocking path (two calls gathered it twice, forward and backward).
+        ``cp.overlap=False`` waits for the halo first; both paths give the same values and send the same bytes.
 
         Args:
             x, t, text, text_mask, z_sem: as :meth:`forward`, identical on every rank of ``cp``.
@@ -374,16 +373,16 @@ class LatentGenerator(nn.Module):
         for i, block in enumerate(self.blocks):
             run = _BlockOnWindows(block, time_mod, txt, text_mask, tables[i % 2 == 1], i % 2 == 1)
             if (i % 2 == 1) == shifted:
-                tokens = run(tokens, 0, tokens.shape[1], plan.shard(cp.rank, shifted))
+                tokens = run(tokens, plan.shard(cp.rank, shifted))
                 continue
             shifted = not shifted
-            if cp.overlap and not isinstance(block, FSDPModule):
+            if cp.overlap:
                 tokens = shift_ownership_overlapped(
-                    tokens, plan, cp.rank, to_shifted=shifted, compute=run, group=cp.group
+                    tokens, plan, cp.rank, to_shifted=shifted, compute=run.split, group=cp.group
                 )
             else:
                 tokens = shift_ownership(tokens, plan, cp.rank, to_shifted=shifted, group=cp.group)
-                tokens = run(tokens, 0, tokens.shape[1], plan.shard(cp.rank, shifted))
+                tokens = run(tokens, plan.shard(cp.rank, shifted))
         if shifted:
             tokens = shift_ownership(tokens, plan, cp.rank, to_shifted=False, group=cp.group)
         return self.final(tokens[:, is_vae], cond), vae_index
@@ -412,8 +411,8 @@ class LatentGenerator(nn.Module):
 
 @dataclasses.dataclass
 class _BlockOnWindows:
-    """One block of :meth:`LatentGenerator.forward_context_parallel` on local tokens ``[start, end)`` of a rank's
-    ownership (whole windows of ``shard``): the RoPE rows of those tokens, the rest per sample."""
+    """One block of :meth:`LatentGenerator.forward_context_parallel` on a rank's ownership of one parity: all of it
+    (``__call__``), or its interior and boundary windows in one call (:meth:`split`, the overlapped exchange)."""
 
     block: nn.Module
     time_mod: torch.Tensor
@@ -422,6 +421,18 @@ class _BlockOnWindows:
     tables: tuple[torch.Tensor, torch.Tensor]  # cos, sin [n_r, D / 2] of the rank's ownership in this parity
     shifted: bool
 
-    def __call__(self, tokens: torch.Tensor, start: int, end: int, shard: WindowShard) -> torch.Tensor:
-        cos, sin = (table[start:end] for table in self.tables)
-        return self.block(tokens, self.time_mod, self.text, self.text_mask, cos, sin, shard, self.shifted)
+    def __call__(self, tokens: torch.Tensor, shard: WindowShard) -> torch.Tensor:
+        """``tokens [B, n_r, C]``: all of the rank's tokens (whole windows of ``shard``) -> ``[B, n_r, C]``."""
+        return self.block(tokens, self.time_mod, self.text, self.text_mask, *self.tables, shard, self.shifted)
+
+    def split(self, interior, boundary, split: HaloSplit):
+        """The ``compute`` of :func:`~semanticgen.parallel.shift_ownership_overlapped`: the RoPE rows of each part's
+        local token range, then the block's ``forward_split`` (one FSDP unshard for both parts)."""
+        rope = tuple(
+            tuple(table[start:end] for table in self.tables) if end > start else None
+            for start, end in (split.interior, split.boundary)
+        )
+        shards = (split.interior_shard, split.boundary_shard)
+        return self.block.forward_split(
+            interior, boundary, self.time_mod, self.text, self.text_mask, rope, shards, self.shifted
+        )

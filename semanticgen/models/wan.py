@@ -41,7 +41,7 @@ from torch import nn
 
 from semanticgen.ops import WindowLayout, swin_attention
 
-from .blocks import DiTBlock
+from .blocks import DiTBlock, SplitForward
 from .rope import apply_rope
 
 FLAVORS = ("semanticgen", "wan")
@@ -180,14 +180,15 @@ class _FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(_wide(x), self.normalized_shape, weight, bias, self.eps)
 
 
-class WanBlock(nn.Module):
+class WanBlock(SplitForward, nn.Module):
     """Wan 2.1's transformer block with :class:`~semanticgen.models.DiTBlock`'s interface (``flavor="wan"``).
 
     ``x + gate1 * SelfAttn(adaLN(norm1(x)))``, then ``x + CrossAttn(norm2(x), text)``, then
     ``x + gate2 * MLP(adaLN(norm3(x)))``, with the per-block ``[6, C]`` table added to the shared timestep
     modulation. Norms, modulation and residual sums run in float32 (or float64 for a float64 model) and are cast back
     to ``x``'s dtype, as in Wan.
-    As for :class:`DiTBlock`, the table and the cross-attention output projection start at zero.
+    As for :class:`DiTBlock`, the table and the cross-attention output projection start at zero, and
+    :meth:`~semanticgen.models.blocks.SplitForward.forward_split` is shared with it.
     """
 
     def __init__(self, config: DiTBlock.Config) -> None:

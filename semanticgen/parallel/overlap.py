@@ -3,9 +3,13 @@
 At a change of window parity a rank hands one block of hidden states to a neighbour and receives one
 (:func:`~semanticgen.parallel.shift_ownership`). Of the windows it owns in the new parity only the one holding the
 received block needs it (the *boundary*); the others (*interior*) are made of tokens the rank already holds.
-:func:`shift_ownership_overlapped` therefore starts the point-to-point ops, runs the caller's layer on the interior
-windows, waits, and runs the layer on the boundary window. A layer is windowed attention plus per-token ops (and
-per-sample conditioning), so running it on two disjoint unions of whole windows and concatenating is running it once.
+:func:`shift_ownership_overlapped` therefore starts the point-to-point ops and hands the caller's layer the interior
+tokens and a function that waits for the block and returns the boundary window's tokens: the layer runs on the
+interior windows, calls it, and runs on the boundary window, all in one call. A layer is windowed attention plus
+per-token ops (and per-sample conditioning), so running it on two disjoint unions of whole windows and concatenating
+is running it once. One call per layer matters under FSDP2: a transformer block is an FSDP unit, and FSDP gathers a
+unit's parameters once per call (:meth:`~semanticgen.models.blocks.SplitForward.forward_split`, registered as an
+FSDP forward method, is that one call).
 
 Backward mirrors it: the boundary window's backward runs first (its nodes were recorded last), its gradient for the
 received block is sent back at once, and the interior windows' backward runs while it travels; the rank then waits
@@ -24,15 +28,15 @@ from collections.abc import Callable
 
 import torch
 
-from semanticgen.ops import WindowShard
-
-from .context import ContextPlan, post_p2p, shift_ownership
+from .context import ContextPlan, HaloSplit, post_p2p, shift_ownership
 
 __all__ = ["shift_ownership_overlapped"]
 
-# compute(tokens [B, n, ...], start, end, shard) -> [B, n, ...]: the layer on local tokens [start, end) of the new
-# ownership, which are whole windows of ``shard``.
-Compute = Callable[[torch.Tensor, int, int, WindowShard], torch.Tensor]
+# compute(interior [B, n_i, ...] | None, boundary: () -> [B, n_b, ...] | None, split) -> (out_i | None, out_b | None):
+# the layer on the new ownership's interior windows, then on its boundary window (see shift_ownership_overlapped).
+SplitCompute = Callable[
+    [torch.Tensor | None, Callable[[], torch.Tensor] | None, HaloSplit], tuple[torch.Tensor | None, torch.Tensor | None]
+]
 
 
 @dataclasses.dataclass
@@ -141,20 +145,24 @@ class _FinishHalo(torch.autograd.Function):
 
 
 def shift_ownership_overlapped(
-    x: torch.Tensor, plan: ContextPlan, rank: int, *, to_shifted: bool, compute: Compute, group=None
+    x: torch.Tensor, plan: ContextPlan, rank: int, *, to_shifted: bool, compute: SplitCompute, group=None
 ) -> torch.Tensor:
     """Move ownership as :func:`~semanticgen.parallel.shift_ownership` does, and run the next layer under it.
 
-    Equals ``compute(shift_ownership(x, ...), 0, n', plan.shard(rank, to_shifted))`` and sends the same bytes, but
-    runs ``compute`` on the interior windows (:meth:`~semanticgen.parallel.ContextPlan.halo_split`) while the
-    halo block is in flight, then on the boundary window once it has arrived (in backward: the boundary first, then
-    the interior while its gradient travels back).
+    Equals the layer on ``shift_ownership(x, ...)`` and sends the same bytes, but the layer runs on the interior
+    windows (:meth:`~semanticgen.parallel.ContextPlan.halo_split`) while the halo block is in flight, then on the
+    boundary window once it has arrived (in backward: the boundary first, then the interior while its gradient
+    travels back).
 
     Args:
         x: ``[B, n, ...]``: this rank's tokens in the ownership being left.
         plan, rank, to_shifted, group: as :func:`~semanticgen.parallel.shift_ownership`.
-        compute: ``compute(tokens, start, end, shard) -> [B, end - start, ...]``: the layer on the new ownership's
-            local tokens ``[start, end)``, whole windows of ``shard``; it must act on each window independently.
+        compute: ``compute(interior, boundary, split) -> (out_interior, out_boundary)``, one call per layer (one FSDP
+            unshard): ``interior`` is ``[B, n_i, ...]``, the new ownership's local tokens ``split.interior`` (whole
+            windows of ``split.interior_shard``), or ``None``; ``boundary`` is a function to call after the interior
+            part, which waits for the halo and returns the tokens ``split.boundary`` ``[B, n_b, ...]``, or
+            ``None``. Each output is the layer on that part (``None`` for an absent part); the layer must act on
+            each window independently (e.g. :meth:`~semanticgen.models.blocks.SplitForward.forward_split`).
 
     Returns:
         ``[B, n', ...]``: the layer's output over this rank's tokens in the new ownership. Differentiable.
@@ -168,7 +176,8 @@ def shift_ownership_overlapped(
     sent, received = plan.handover(rank)
     if plan.size == 1 or sent + received == 0:
         moved = shift_ownership(x, plan, rank, to_shifted=to_shifted, group=group)
-        return compute(moved, 0, moved.shape[1], plan.shard(rank, to_shifted))
+        whole = HaloSplit((0, moved.shape[1]), (0, 0), plan.shard(rank, to_shifted), None)
+        return compute(moved, None, whole)[0]
     split = plan.halo_split(rank, to_shifted)
     n = x.shape[1]
     if to_shifted:  # x = [kept, tail -> rank + 1]; new = [from rank - 1, kept]
@@ -183,13 +192,16 @@ def shift_ownership_overlapped(
     i_kept = (i0 - lead, i1 - lead) if i1 > i0 else (kept_start, kept_start)
     b_kept = (max(b0 - lead, kept_start), min(b1 - lead, kept_end)) if b1 > b0 else (kept_start, kept_start)
     interior, boundary_kept, anchor = _StartHalo.apply(x, halo, i_kept, b_kept)
-    out_interior = compute(interior, i0, i1, split.interior_shard) if i1 > i0 else None
-    if halo.in_count:
+
+    def boundary() -> torch.Tensor:
+        # Called again if activation checkpointing recomputes the layer: the works are done by then, so this only
+        # returns the block already received (nothing is resent).
         block = _FinishHalo.apply(anchor, halo)
-        pieces = [block, boundary_kept] if to_shifted else [boundary_kept, block]
-        out_boundary = compute(torch.cat(pieces, 1), b0, b1, split.boundary_shard)
-    else:  # this rank only sends (the first rank going to shifted, the last going back): nothing to wait for
-        halo.finish()
-        out_boundary = None
+        return torch.cat([block, boundary_kept] if to_shifted else [boundary_kept, block], 1)
+
+    # A rank that only sends (the first going to shifted ownership, the last going back) has no boundary window.
+    out_interior, out_boundary = compute(interior if i1 > i0 else None, boundary if halo.in_count else None, split)
+    if not halo.in_count:
+        halo.finish()  # its send ran under the interior windows
     parts = [(i0, out_interior), (b0, out_boundary)]
     return torch.cat([out for _, out in sorted(parts, key=lambda p: p[0]) if out is not None], 1)

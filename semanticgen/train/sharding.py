@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import warnings
 import zlib
 
@@ -43,11 +44,20 @@ def mixed_precision_policy(setting: str, device: torch.device) -> MixedPrecision
 
 
 def _wrap_block(block: nn.Module, parallel: ParallelConfig) -> nn.Module:
-    """Optional activation checkpointing and ``torch.compile`` for one block (before sharding)."""
+    """Optional activation checkpointing and ``torch.compile`` for one block (before sharding).
+
+    Checkpointing covers ``forward_split`` (overlapped context parallelism) as well as ``forward``. ``compile``
+    compiles the block's ``__call__`` only: ``forward_split`` runs the block's ``forward`` uncompiled.
+    """
     if parallel.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+        inner = block
         block = checkpoint_wrapper(block, preserve_rng_state=True)
+        if hasattr(inner, "forward_split"):
+            # The wrapper hands unknown attributes to the block, so forward_split would keep its activations.
+            # Recomputation calls its halo wait again, which then returns the block already received (no resend).
+            block.forward_split = functools.partial(block.checkpoint_fn, inner.forward_split)
     if parallel.compile:
         block.compile()
     return block
@@ -56,7 +66,8 @@ def _wrap_block(block: nn.Module, parallel: ParallelConfig) -> nn.Module:
 def shard_model(model: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, device: torch.device) -> nn.Module:
     """Shard ``model`` in place and return it.
 
-    Units, innermost first: every block of every submodule's ``.blocks`` ``nn.ModuleList``; then every direct child
+    Units, innermost first: every block of every submodule's ``.blocks`` ``nn.ModuleList`` (with its
+    ``forward_split``, if any, registered as an FSDP forward method: one unshard per call); then every direct child
     of ``model`` that holds parameters (the generators, the compressor), so their embeddings and heads form one
     group each and FSDP casts their floating inputs to the policy's parameter dtype; then ``model`` itself.
     Parameters are moved to ``device`` first.
@@ -78,6 +89,10 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, parallel: ParallelConfig, de
             # The last block's parameters are needed again at once by the backward pass: keep them unsharded.
             reshard = parallel.reshard_after_forward and i < len(owner.blocks) - 1
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+            if hasattr(block, "forward_split"):
+                # Overlapped CP runs a block on its interior and boundary windows in this one call; FSDP hooks only
+                # __call__, and two calls would gather the parameters twice in forward and twice in backward.
+                register_fsdp_forward_method(block, "forward_split")
     for child in model.children():
         if any(True for _ in child.parameters()):
             fully_shard(child, mesh=mesh, mp_policy=mp, reshard_after_forward=parallel.reshard_after_forward)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from semanticgen._checks import check_bool, check_int
 from semanticgen.errors import UsageError
 from semanticgen.ops import WindowLayout, WindowShard
 
@@ -126,10 +127,7 @@ class ContextPlan:
         """
         if not isinstance(layout, WindowLayout) or layout.order != "blocked":
             raise TypeError(f"ContextPlan: layout must be a WindowLayout in blocked order, got {layout!r}")
-        if isinstance(size, bool) or not isinstance(size, int):
-            raise TypeError(f"ContextPlan: size must be an int, got {type(size).__name__}")
-        if size < 1:
-            raise ValueError(f"ContextPlan: size must be >= 1, got {size}")
+        check_int("size", size, minimum=1, who="ContextPlan", type_error=TypeError)
         windows = layout.window_blocks(False)
         if len(windows) < size:
             raise UsageError(
@@ -158,8 +156,7 @@ class ContextPlan:
 
     # ----------------------------------------------------------------------------------- queries
     def _check_rank(self, rank: int) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.size:
-            raise ValueError(f"ContextPlan: rank must be an int in [0, {self.size}), got {rank!r}")
+        check_int("rank", rank, minimum=0, maximum=self.size - 1, who="ContextPlan")
 
     def blocks(self, rank: int, shifted: bool) -> tuple[int, int]:
         """Rank ``rank``'s block range ``[first, end)`` on layers of parity ``shifted``."""
@@ -396,13 +393,10 @@ class ContextGroup:
 
     def __post_init__(self) -> None:
         for name in ("rank", "size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"ContextGroup: {name} must be an int, got {type(value).__name__}")
+            check_int(name, getattr(self, name), who="ContextGroup", error=TypeError)
         if not 0 <= self.rank < self.size:
             raise ValueError(f"ContextGroup: rank must be in [0, size={self.size}), got {self.rank}")
-        if not isinstance(self.overlap, bool):
-            raise TypeError(f"ContextGroup: overlap must be a bool, got {type(self.overlap).__name__}")
+        check_bool("overlap", self.overlap, who="ContextGroup")
 
     @classmethod
     def from_group(cls, group=None, *, overlap: bool = True) -> ContextGroup:

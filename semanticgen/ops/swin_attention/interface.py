@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from semanticgen._checks import check_bool, check_number
+
 from .layout import WindowLayout, WindowShard
 
 # A backend runs the op: fn(q, k, v, layout, shifted, scale) -> out.
@@ -234,15 +236,13 @@ def swin_attention(
         torch.Size([1, 136, 2, 32])
     """
     _check_inputs(q, k, v, layout)
-    if not isinstance(shifted, bool):
-        raise TypeError(f"swin_attention: shifted must be a bool, got {type(shifted).__name__}")
+    check_bool("shifted", shifted, who="swin_attention")
+    scale = check_number("scale", scale, positive=True, finite=True, allow_none=True, who="swin_attention")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"swin_attention: scale must be a positive finite float or None, got {scale!r}")
     impl = _select_backend(backend, q)
     if q.dtype not in impl.dtypes:
         raise TypeError(
             f"swin_attention: backend {impl.name!r} supports dtypes {[str(d) for d in impl.dtypes]}, got {q.dtype}"
         )
-    return impl.fn(q, k, v, layout, shifted, float(scale))
+    return impl.fn(q, k, v, layout, shifted, scale)

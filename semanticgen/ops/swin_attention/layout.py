@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 
+from semanticgen._checks import check_bool, check_int, is_int
+
 __all__ = ["WindowLayout", "WindowShard", "WindowSegment", "WindowIndexMap", "TimeBlock", "ORDERS"]
 
 
@@ -78,14 +80,6 @@ class WindowIndexMap(NamedTuple):
 ORDERS = ("streams", "blocked")
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"WindowLayout: {name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < minimum:
-        raise ValueError(f"WindowLayout: {name} must be >= {minimum}, got {value}")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class WindowLayout:
     """One stage-2 sequence of VAE and semantic tokens, split into time windows.
@@ -126,11 +120,13 @@ class WindowLayout:
     _cache: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        _check_int("vae_frames", self.vae_frames, 1)
-        _check_int("vae_tokens_per_frame", self.vae_tokens_per_frame, 1)
-        _check_int("sem_frames", self.sem_frames, 0)
-        _check_int("sem_tokens_per_frame", self.sem_tokens_per_frame, 1 if self.sem_frames > 0 else 0)
-        _check_int("window", self.window, 1)
+        for name, minimum in (("vae_frames", 1), ("vae_tokens_per_frame", 1), ("sem_frames", 0)):
+            check_int(name, getattr(self, name), minimum=minimum, who="WindowLayout", type_error=TypeError)
+        minimum = 1 if self.sem_frames > 0 else 0
+        check_int(
+            "sem_tokens_per_frame", self.sem_tokens_per_frame, minimum=minimum, who="WindowLayout", type_error=TypeError
+        )
+        check_int("window", self.window, minimum=1, who="WindowLayout", type_error=TypeError)
         if not isinstance(self.order, str) or self.order not in ORDERS:
             raise ValueError(f"WindowLayout: order must be one of {ORDERS}, got {self.order!r}")
 
@@ -332,7 +328,7 @@ class WindowLayout:
     def _convert(self, x: torch.Tensor, dim: int, table: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"WindowLayout: x must be a torch.Tensor, got {type(x).__name__}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+        if not is_int(dim) or not -x.dim() <= dim < x.dim():
             raise ValueError(f"WindowLayout: dim must be an int in [{-x.dim()}, {x.dim()}), got {dim!r}")
         if x.shape[dim] != self.num_tokens:
             raise ValueError(
@@ -412,11 +408,10 @@ class WindowShard:
     def __post_init__(self) -> None:
         if not isinstance(self.layout, WindowLayout) or self.layout.order != "blocked":
             raise TypeError(f"WindowShard: layout must be a WindowLayout in blocked order, got {self.layout!r}")
-        if not isinstance(self.shifted, bool):
-            raise TypeError(f"WindowShard: shifted must be a bool, got {type(self.shifted).__name__}")
+        check_bool("shifted", self.shifted, who="WindowShard")
         num_blocks = len(self.layout.blocks())
-        _check_int("first_block", self.first_block, 0)
-        _check_int("end_block", self.end_block, self.first_block + 1)
+        check_int("first_block", self.first_block, minimum=0, who="WindowShard", type_error=TypeError)
+        check_int("end_block", self.end_block, minimum=self.first_block + 1, who="WindowShard", type_error=TypeError)
         if self.end_block > num_blocks:
             raise ValueError(
                 f"WindowShard: end_block must be <= {num_blocks} (the layout's blocks), got {self.end_block}"

@@ -44,6 +44,8 @@ import os
 
 import torch
 
+from semanticgen._checks import check_int
+
 from .interface import Backend, register_backend
 from .layout import WindowLayout
 
@@ -109,8 +111,7 @@ def tile_table(layout: WindowLayout, shifted: bool, device: torch.device | str, 
     (rows count through range 0 and then range 1, so a tile may straddle them), so work follows the
     real window lengths. Cached on the layout per ``(order, parity, device, block)``.
     """
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"tile_table: block must be a positive int, got {block!r}")
+    check_int("block", block, minimum=1, who="tile_table")
     device = torch.device(device)
     key = ("triton_tiles", layout.order, bool(shifted), str(device), block)
     cached = layout._cache.get(key)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from semanticgen._checks import check_int, check_number, is_real
+
 __all__ = ["FrameSample", "sample_frame_indices", "stream_frame_count"]
 
 # Times are compared against frame boundaries with this slack, so that e.g. 1/1.6 s * 24 fps = 15.000000000000002
@@ -51,9 +53,7 @@ class FrameSample:
 
 
 def _check_positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"sample_frame_indices: {name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_number(name, value, positive=True, finite=True, who="sample_frame_indices")
 
 
 def stream_frame_count(span: float, rate: float, *, multiple: int = 1, offset: int = 0) -> int:
@@ -110,17 +110,15 @@ def sample_frame_indices(
         >>> len(s.vae_indices), len(s.sem_indices), s.sem_indices[:3]
         (237, 16, (0, 18, 37))
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"sample_frame_indices: num_frames must be a positive int, got {num_frames!r}")
+    check_int("num_frames", num_frames, minimum=1, who="sample_frame_indices")
     fps = _check_positive("fps", fps)
     vae_fps = _check_positive("vae_fps", vae_fps)
     sem_fps = _check_positive("sem_fps", sem_fps)
     counts = (("vae_multiple", vae_multiple, 1), ("vae_offset", vae_offset, 0), ("sem_multiple", sem_multiple, 1))
     for name, value, minimum in counts:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"sample_frame_indices: {name} must be an int >= {minimum}, got {value!r}")
+        check_int(name, value, minimum=minimum, who="sample_frame_indices")
     clip_seconds = num_frames / fps
-    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0 <= start < clip_seconds:
+    if not is_real(start) or not 0 <= start < clip_seconds:
         raise ValueError(f"sample_frame_indices: start must be in [0, {clip_seconds:g}) s for this clip, got {start!r}")
     available = clip_seconds - start
     if duration is None:
@@ -142,8 +140,7 @@ def sample_frame_indices(
                     f"(needs at least {offset or multiple} frame(s))"
                 )
             return count
-        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-            raise ValueError(f"sample_frame_indices: {name}_frames must be a positive int, got {requested!r}")
+        check_int(f"{name}_frames", requested, minimum=1, who="sample_frame_indices")
         if requested < offset or (requested - offset) % multiple:
             form = f"{offset} + {multiple} * k" if offset else f"a multiple of {multiple}"
             raise ValueError(f"sample_frame_indices: {name}_frames must be {form}, got {requested}")

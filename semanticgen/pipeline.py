@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from semanticgen._checks import check_int, check_number, is_int, is_real
 from semanticgen.errors import UsageError
 from semanticgen.models import SemanticNorm
 from semanticgen.parallel import ContextGroup
@@ -38,7 +39,7 @@ def _positive_int_shape(name: str, shape: object, length: int, layout: str, *, f
     if (
         not isinstance(shape, Sequence)
         or len(shape) != length
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+        or not all(is_int(s) for s in shape)
         or shape[0] < first
         or not all(s >= 1 for s in shape[1:])
     ):
@@ -123,14 +124,10 @@ class SemanticGenPipeline:
                 f"SemanticGenPipeline: without a semantic_generator sem_shape must be (0, Ss, dim), got {sem_shape!r}"
             )
         self.latent_shape = _positive_int_shape("latent_shape", latent_shape, 4, "(C, T, H, W)")
-        if isinstance(noise_level, bool) or not isinstance(noise_level, (int, float)) or not 0 <= noise_level <= 1:
-            raise ValueError(f"SemanticGenPipeline: noise_level must be a float in [0, 1], got {noise_level!r}")
-        self.noise_level = float(noise_level)
-        for name, value in (("sem_shift", sem_shift), ("latent_shift", latent_shift)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"SemanticGenPipeline: {name} must be a positive float, got {value!r}")
-        self.sem_shift = float(sem_shift)
-        self.latent_shift = float(latent_shift)
+        who = "SemanticGenPipeline"
+        self.noise_level = check_number("noise_level", noise_level, minimum=0, maximum=1, who=who)
+        self.sem_shift = check_number("sem_shift", sem_shift, positive=True, finite=True, who=who)
+        self.latent_shift = check_number("latent_shift", latent_shift, positive=True, finite=True, who=who)
         if sem_norm is not None and not isinstance(sem_norm, SemanticNorm):
             raise TypeError(
                 f"SemanticGenPipeline: sem_norm must be a SemanticNorm or None, got {type(sem_norm).__name__}"
@@ -357,14 +354,13 @@ class SemanticGenPipeline:
             raise TypeError(f"SemanticGenPipeline: prompts must be a non-empty list of str, got {prompts!r}")
         sem_steps, lat_steps = _pair("steps", steps)
         for s in (sem_steps, lat_steps):
-            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            if not is_int(s) or s < 1:
                 raise ValueError(f"SemanticGenPipeline: steps must be positive ints, got {steps!r}")
         sem_guidance, lat_guidance = _pair("guidance", guidance)
         for g in (sem_guidance, lat_guidance):
-            if isinstance(g, bool) or not isinstance(g, (int, float)):
+            if not is_real(g):
                 raise TypeError(f"SemanticGenPipeline: guidance must be floats, got {guidance!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"SemanticGenPipeline: seed must be an int, got {seed!r}")
+        check_int("seed", seed, who="SemanticGenPipeline", error=TypeError)
 
         device = self.device
         generator = torch.Generator(device=device).manual_seed(seed)

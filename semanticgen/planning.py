@@ -21,6 +21,7 @@ import dataclasses
 import math
 from typing import Any
 
+from semanticgen._checks import check_int, check_number
 from semanticgen.errors import UsageError
 from semanticgen.ops.swin_attention.layout import WindowLayout
 
@@ -82,15 +83,11 @@ class Plan:
 
 
 def _int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"plan: {name} must be an int >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum=minimum, who="plan", error=UsageError)
 
 
 def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UsageError(f"plan: {name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_number(name, value, positive=True, finite=True, who="plan", error=UsageError)
 
 
 def plan(

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from semanticgen._checks import check_int, check_number, is_int, is_real
 from semanticgen.ops import flow as flow_ops
 
 __all__ = [
@@ -85,7 +86,7 @@ def _flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tenso
 
 # --------------------------------------------------------------------------------------------------------------
 def _check_scalar_or_batch(name: str, value: object, batch: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+    if not (is_real(value) or isinstance(value, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a tensor (0-d or [B]), got {type(value).__name__}")
     if isinstance(value, torch.Tensor) and not (value.dim() == 0 or tuple(value.shape) == (batch,)):
         raise ValueError(
@@ -100,8 +101,7 @@ def time_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     noise level, so they need more steps spent at high noise. ``shift = 1`` is the identity; ``0`` and
     ``1`` are fixed points.
     """
-    if not (isinstance(shift, (int, float)) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0):
-        raise ValueError(f"time_shift: shift must be a positive finite float, got {shift!r}")
+    check_number("shift", shift, positive=True, finite=True, who="time_shift")
     if shift == 1:
         return t
     return shift * t / (1 + (shift - 1) * t)
@@ -114,12 +114,10 @@ def resolution_shift(num_tokens: int, *, base_tokens: int = 4096, base_shift: fl
     corresponds, per token, to ``t`` shifted by ``sqrt(m)``. ``base_tokens`` is the size the schedule was tuned
     for, ``base_shift`` the shift used there.
     """
-    for name, value in (("num_tokens", num_tokens), ("base_tokens", base_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"resolution_shift: {name} must be a positive int, got {value!r}")
-    if not (isinstance(base_shift, (int, float)) and math.isfinite(base_shift) and base_shift > 0):
-        raise ValueError(f"resolution_shift: base_shift must be a positive finite float, got {base_shift!r}")
-    return float(base_shift) * math.sqrt(num_tokens / base_tokens)
+    check_int("num_tokens", num_tokens, minimum=1, who="resolution_shift")
+    check_int("base_tokens", base_tokens, minimum=1, who="resolution_shift")
+    base_shift = check_number("base_shift", base_shift, positive=True, finite=True, who="resolution_shift")
+    return base_shift * math.sqrt(num_tokens / base_tokens)
 
 
 def sample_timesteps(
@@ -145,8 +143,7 @@ def sample_timesteps(
     Returns:
         ``float32 [B]`` in ``(0, 1)``.
     """
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"sample_timesteps: batch must be a positive int, got {batch!r}")
+    check_int("batch", batch, minimum=1, who="sample_timesteps")
     if kind == "uniform":
         t = torch.rand(batch, generator=generator, device=device)
     elif kind == "logit_normal":
@@ -160,8 +157,7 @@ def sample_timesteps(
 
 def sampling_schedule(steps: int, *, shift: float = 1.0, device: torch.device | str | None = None) -> torch.Tensor:
     """Sampling times ``float32 [steps + 1]`` from 1 down to 0, evenly spaced then :func:`time_shift`-ed."""
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"sampling_schedule: steps must be a positive int, got {steps!r}")
+    check_int("steps", steps, minimum=1, who="sampling_schedule")
     return time_shift(torch.linspace(1.0, 0.0, steps + 1, device=device), shift)
 
 
@@ -267,7 +263,7 @@ def euler_sample(
         raise TypeError(f"euler_sample: velocity_fn must be callable, got {type(velocity_fn).__name__}")
     if isinstance(noise, torch.Tensor):
         z = noise.clone()
-    elif isinstance(noise, Sequence) and all(isinstance(s, int) and not isinstance(s, bool) for s in noise):
+    elif isinstance(noise, Sequence) and all(is_int(s) for s in noise):
         z = torch.randn(tuple(noise), generator=generator, device=device, dtype=dtype)
     else:
         raise TypeError(f"euler_sample: noise must be a tensor or a shape (sequence of ints), got {noise!r}")

@@ -6,11 +6,12 @@ when height and width are even, ``yuv444p`` otherwise (4:2:0 chroma needs even s
 
 from __future__ import annotations
 
-import math
 import os
 from fractions import Fraction
 
 import torch
+
+from semanticgen._checks import check_int, check_number
 
 __all__ = ["save_video", "read_video"]
 
@@ -64,10 +65,8 @@ def save_video(
     """
     import av
 
-    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not math.isfinite(fps) or fps <= 0:
-        raise ValueError(f"save_video: fps must be a positive finite number, got {fps!r}")
-    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
-        raise ValueError(f"save_video: crf must be an int in [0, 51], got {crf!r}")
+    check_number("fps", fps, positive=True, finite=True, who="save_video")
+    check_int("crf", crf, minimum=0, maximum=51, who="save_video")
     if codec not in av.codecs_available:
         raise ValueError(f"save_video: codec {codec!r} is not available in this PyAV build")
     pixels = _as_uint8_frames(frames)

@@ -74,3 +74,12 @@ def test_check_bool():
     assert check_bool("flag", False) is False
     with pytest.raises(TypeError, match=r"^f: flag must be a bool, got 1 \(int\)$"):
         check_bool("flag", 1, who="f")
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import semanticgen._checks as checks
+
+    result = doctest.testmod(checks)
+    assert result.attempted == 2 and result.failed == 0

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semanticgen._checks import check_int, is_real
+
 from .pixel import PixelVAE
 from .protocols import check_video
 
@@ -48,9 +50,7 @@ class LearnedVAEConfig:
 
     def __post_init__(self) -> None:
         for name in ("latent_channels", "spatial_factor", "temporal_factor", "hidden"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"LearnedVideoAE: {name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name), minimum=1, who="LearnedVideoAE")
         if self.spatial_factor & (self.spatial_factor - 1):
             raise ValueError(f"LearnedVideoAE: spatial_factor must be a power of 2, got {self.spatial_factor}")
 
@@ -334,9 +334,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 def _per_channel(name: str, value: object, channels: int, *, positive: bool) -> torch.Tensor:
     """``float32 [channels]`` from one finite float or ``channels`` of them (``> 0`` if ``positive``)."""
-    values = [value] * channels if isinstance(value, (int, float)) else value
+    values = [value] * channels if is_real(value) else value
     ok = isinstance(values, Sequence) and not isinstance(values, str) and len(values) == channels
-    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ok = ok and all(is_real(v) for v in values)
     if not ok or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
         what = "positive finite" if positive else "finite"
         raise ValueError(f"LearnedVideoAE: {name} must be one {what} float or {channels} of them, got {value!r}")

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semanticgen._checks import check_int, is_real
+
 from .protocols import check_video
 
 __all__ = ["PixelVAE", "PixelSemanticEncoder"]
@@ -40,11 +42,11 @@ def _colour_map(channels: int, seed: int) -> torch.Tensor:
 
 def _per_channel(name: str, value: object, channels: int, *, positive: bool) -> torch.Tensor:
     """``float32 [channels]`` from one finite float or a sequence of ``channels`` of them (``> 0`` if ``positive``)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_real(value):
         values = [float(value)] * channels
     elif isinstance(value, Sequence) and not isinstance(value, str):
         values = list(value)
-        if len(values) != channels or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+        if len(values) != channels or not all(is_real(v) for v in values):
             raise ValueError(
                 f"PixelVAE: {name} must be a float or {channels} floats (one per latent channel), got {value!r}"
             )
@@ -136,8 +138,7 @@ class PixelVAE(nn.Module):
             ("spatial_factor", spatial_factor),
             ("latent_channels", latent_channels),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PixelVAE: {name} must be a positive int, got {value!r}")
+            check_int(name, value, minimum=1, who="PixelVAE")
         self.temporal_factor = temporal_factor
         self.spatial_factor = spatial_factor
         self.latent_channels = latent_channels
@@ -254,8 +255,7 @@ class PixelSemanticEncoder(nn.Module):
             ("patch", patch, 2),
             ("temporal_factor", temporal_factor, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"PixelSemanticEncoder: {name} must be an int >= {minimum}, got {value!r}")
+            check_int(name, value, minimum=minimum, who="PixelSemanticEncoder")
         if patch % 2:
             raise ValueError(f"PixelSemanticEncoder: patch must be even (quadrant means), got {patch}")
         self.out_dim = out_dim

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from semanticgen._checks import check_int
+
 from .protocols import check_video
 
 __all__ = ["QwenVisionEncoder", "load_vision_state_dict", "VISION_PREFIXES", "CLIP_MEAN", "CLIP_STD"]
@@ -154,8 +156,7 @@ class QwenVisionEncoder(nn.Module):
         self.temporal_factor = int(cfg.temporal_patch_size)
         self.spatial_factor = self.patch_size * self.merge_size
         self.out_dim = int(cfg.out_hidden_size)
-        if batch_chunk is not None and (not isinstance(batch_chunk, int) or batch_chunk < 1):
-            raise ValueError(f"QwenVisionEncoder: batch_chunk must be a positive int or None, got {batch_chunk!r}")
+        check_int("batch_chunk", batch_chunk, minimum=1, allow_none=True, who="QwenVisionEncoder")
         self.batch_chunk = batch_chunk
         self.normalisation_source = "given"  # or the preprocessor file it was read from (from_pretrained)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 1, 3, 1, 1), persistent=False)

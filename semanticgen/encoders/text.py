@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from semanticgen._checks import check_int
+
 __all__ = ["HashTextEncoder", "HFTextEncoder"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -52,9 +54,8 @@ class HashTextEncoder(nn.Module):
 
     def __init__(self, dim: int = 64, max_len: int = 32, *, seed: int = 0, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        for name, value, minimum in (("dim", dim, 1), ("max_len", max_len, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"HashTextEncoder: {name} must be an int >= {minimum}, got {value!r}")
+        check_int("dim", dim, minimum=1, who="HashTextEncoder")
+        check_int("max_len", max_len, minimum=1, who="HashTextEncoder")
         self.dim = dim
         self.max_len = max_len
         self.seed = int(seed)
@@ -121,8 +122,7 @@ class HFTextEncoder(nn.Module):
 
     def __init__(self, tokenizer, model: nn.Module, *, max_len: int = 128) -> None:
         super().__init__()
-        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-            raise ValueError(f"HFTextEncoder: max_len must be an int >= 1, got {max_len!r}")
+        check_int("max_len", max_len, minimum=1, who="HFTextEncoder")
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False)
         config = model.config

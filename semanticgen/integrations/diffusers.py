@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from semanticgen._checks import check_int
 from semanticgen.ops import WindowLayout, swin_attention
 
 __all__ = ["enable_swin_attention", "SwinAttentionHandle", "WanSwinAttnProcessor"]
@@ -156,8 +157,7 @@ def enable_swin_attention(transformer: nn.Module, window: int, *, backend: str |
         raise TypeError(
             f"enable_swin_attention: expected a diffusers WanTransformer3DModel, got {type(transformer).__name__}"
         )
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"enable_swin_attention: window must be a positive int (latent token frames), got {window!r}")
+    check_int("window", window, minimum=1, who="enable_swin_attention", note="latent token frames")
     previous = getattr(transformer, "_semanticgen_swin_handle", None)
     if previous is not None and previous.active:
         raise ValueError("enable_swin_attention: already enabled on this transformer; call handle.remove() first")

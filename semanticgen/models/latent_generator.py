@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from semanticgen._checks import is_int
 from semanticgen.ops import WindowLayout, WindowShard
 from semanticgen.parallel import ContextGroup, HaloSplit, gather_tokens, shift_ownership, shift_ownership_overlapped
 
@@ -108,7 +109,7 @@ class LatentGenerator(nn.Module):
         if config.hidden % config.heads:
             raise ValueError(f"LatentGenerator: hidden={config.hidden} must be divisible by heads={config.heads}")
         patch = tuple(config.patch)
-        if len(patch) != 3 or any(not isinstance(p, int) or p < 1 for p in patch):
+        if len(patch) != 3 or any(not is_int(p) or p < 1 for p in patch):
             raise ValueError(f"LatentGenerator: patch must be three positive ints (pt, ph, pw), got {config.patch!r}")
         if config.window < 1 or config.window % patch[0]:
             raise ValueError(

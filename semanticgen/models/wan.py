@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semanticgen._checks import check_int
 from semanticgen.ops import WindowLayout, swin_attention
 
 from .blocks import DiTBlock, SplitForward
@@ -595,8 +596,7 @@ def load_wan_weights(
 
 def check_window(window: object) -> None:
     """``window`` must be ``None`` or a positive int (bool is not an int here)."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ValueError(f"from_wan: window must be a positive int (latent frames) or None, got {window!r}")
+    check_int("window", window, minimum=1, allow_none=True, who="from_wan", note="latent frames")
 
 
 def _wan_spec(model_or_cls) -> dict[str, Any]:

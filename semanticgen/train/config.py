@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from semanticgen._checks import is_int, is_real
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised only on Python 3.10
@@ -249,11 +251,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ValueError(f"config key '{key}' must be a table, got {type(value).__name__}")
         return _from_dict(tp, value, key + ".")
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_real(value):
             raise ValueError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if tp is bool:

@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from semanticgen._checks import check_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -150,8 +152,7 @@ def init_distributed(context_parallel: int = 1) -> DistInfo:
     """
     from .config import UsageError
 
-    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
-        raise UsageError(f"parallel.context_parallel must be a positive int, got {context_parallel!r}")
+    check_int("parallel.context_parallel", context_parallel, minimum=1, error=UsageError)
     use_cuda = torch.cuda.is_available()
     join_process_group()
     rank, world_size = dist.get_rank(), dist.get_world_size()

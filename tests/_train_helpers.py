@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,8 +50,31 @@ def torchrun_cmd(nproc: int, args: list[str]) -> list[str]:
     ]
 
 
-def run_train(nproc: int, run_dir: Path, *extra: str, config: Path = TINY, timeout: float = 240) -> None:
-    """Run training to completion; fail the test with the output if it does not exit 0."""
+_SHARED_VAE: list[str] = []
+
+
+def shared_vae_override() -> str:
+    """``--set=encoders.vae.path=...`` of a learned VAE trained once per test session (the tiny config's, 3 steps).
+
+    Runs of the tiny config use it instead of training their own: the comparisons between runs (rank counts,
+    resume) are about the later stages, and the VAE's training depends on the rank count (per-rank batch
+    statistics and noise), so each run training its own would compare different latents.
+    """
+    if not _SHARED_VAE:
+        root = Path(tempfile.mkdtemp(prefix="semanticgen-test-vae-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        run_train(1, root / "run", "--steps=0", shared_vae=False)
+        _SHARED_VAE.append(f"--set=encoders.vae.path={json.dumps(str(root / 'run' / 'vae.safetensors'))}")
+    return _SHARED_VAE[0]
+
+
+def run_train(
+    nproc: int, run_dir: Path, *extra: str, config: Path = TINY, timeout: float = 240, shared_vae: bool = True
+) -> None:
+    """Run training to completion; fail the test with the output if it does not exit 0. Runs of the tiny config
+    use the session's shared learned VAE (:func:`shared_vae_override`) unless ``shared_vae=False``."""
+    if shared_vae and config == TINY:
+        extra = (shared_vae_override(), *extra)
     cmd = torchrun_cmd(nproc, [str(config), "--run-dir", str(run_dir), *SMALL, *extra])
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from _train_helpers import REPO, SMALL, TINY, child_env, losses
+from _train_helpers import REPO, SMALL, TINY, child_env, losses, shared_vae_override
 
 from semanticgen.data import Encoders, ShardDataset, ShardWriter, build_dataset, collate
 from semanticgen.train.config import load_config
@@ -16,15 +16,22 @@ from semanticgen.train.preencode import main as preencode_main
 
 
 @pytest.fixture(scope="module")
-def shard_dir(tmp_path_factory):
+def vae_path() -> str:
+    """``encoders.vae.path=...``: the tiny config's learned VAE, trained first (``--steps 0``), as a user trains it
+    before pre-encoding (pre-encoding needs its weights)."""
+    return shared_vae_override().removeprefix("--set=")
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory, vae_path):
     out = tmp_path_factory.mktemp("shards")
     args = [str(TINY), "--out", str(out), "--shard-size", "5", "--batch-size", "4", "--no-progress"]
-    assert preencode_main([*args, "--set", "data.num_samples=12"]) == 0
+    assert preencode_main([*args, "--set", "data.num_samples=12", "--set", vae_path]) == 0
     return out
 
 
-def test_preencode_matches_on_the_fly_encoding(shard_dir):
-    cfg = load_config(TINY, ["data.num_samples=12"])
+def test_preencode_matches_on_the_fly_encoding(shard_dir, vae_path):
+    cfg = load_config(TINY, ["data.num_samples=12", vae_path])
     index = json.loads((shard_dir / "index.json").read_text())
     assert index["num_samples"] == 12 and [s["num_samples"] for s in index["shards"]] == [5, 5, 2]
     ds = ShardDataset(shard_dir)
@@ -63,7 +70,7 @@ def test_missing_index_is_actionable(tmp_path):
         ShardDataset(tmp_path)
 
 
-def test_train_from_shards_without_torchrun(shard_dir, tmp_path):
+def test_train_from_shards_without_torchrun(shard_dir, vae_path, tmp_path):
     """Plain ``python -m semanticgen.train`` (one process, no torchrun) on pre-encoded shards."""
     run_dir = tmp_path / "run"
     cmd = [
@@ -76,6 +83,7 @@ def test_train_from_shards_without_torchrun(shard_dir, tmp_path):
         *SMALL,
         "--set=data.kind=shards",
         f"--set=data.path={json.dumps(str(shard_dir))}",
+        f"--set={vae_path}",
         "--set=latent.steps=2",
         "--set=semantic.steps=2",
     ]
@@ -85,7 +93,7 @@ def test_train_from_shards_without_torchrun(shard_dir, tmp_path):
     assert (run_dir / "model.safetensors").is_file()
 
 
-def test_preencode_video_folder_keeps_each_readable_video_once(tmp_path):
+def test_preencode_video_folder_keeps_each_readable_video_once(tmp_path, vae_path):
     from semanticgen.data import SyntheticShapes
     from semanticgen.video import save_video
 
@@ -97,7 +105,7 @@ def test_preencode_video_folder_keeps_each_readable_video_once(tmp_path):
     (root / "v1b_broken.mp4").write_bytes(b"not a video")  # sorts between v1 and v2
     (root / "v1b_broken.txt").write_text("broken")
     out = tmp_path / "shards"
-    args = [str(TINY), "--out", str(out), "--batch-size", "2", "--no-progress"]
+    args = [str(TINY), "--out", str(out), "--batch-size", "2", "--no-progress", "--set", vae_path]
     overrides = ["--set", "data.kind=video_folder", "--set", f"data.path={json.dumps(str(root))}"]
     overrides += ["--set", "data.vae_fps=24.0"]
     assert preencode_main([*args, *overrides]) == 0

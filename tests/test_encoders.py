@@ -152,11 +152,11 @@ def test_pixel_vae_latent_normalisation_scales_encode_and_inverts_in_decode():
 
 
 def test_pixel_vae_normalised_latents_of_synthetic_clips_are_unit_scale():
-    """The statistics set in configs/tiny.toml bring the synthetic shapes' latents to about zero mean, unit std."""
+    """The statistics set in configs/tiny_long.toml bring the synthetic shapes' latents to about zero mean, unit std."""
     from semanticgen.data.synthetic import SyntheticShapes
     from semanticgen.train.config import read_config_file
 
-    cfg = read_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny.toml")
+    cfg = read_config_file(Path(__file__).resolve().parents[1] / "configs" / "tiny_long.toml")
     data = cfg["data"]
     ds = SyntheticShapes(
         128,

@@ -16,7 +16,7 @@ from semanticgen.encoders.learned_vae import VAE_FILE, LearnedVAEConfig, Learned
 from semanticgen.train.autoencoder import latent_stats, needs_autoencoder, train_autoencoder
 from semanticgen.train.config import AutoencoderConfig, config_from_dict, read_config_file
 
-LEARNED = REPO / "configs" / "tiny_learned_vae.toml"
+LEARNED = REPO / "configs" / "tiny.toml"  # the demo trains a learned VAE first
 SMALL_AE = LearnedVAEConfig(latent_channels=4, spatial_factor=4, temporal_factor=4, hidden=16)
 
 
@@ -229,10 +229,10 @@ def test_train_hook_trains_the_autoencoder_once(tmp_path):
     """1 rank: the AE trains first and is written; a resumed run reads it back instead of training it again, and
     refuses to resume once the file is gone (the trained stage's latents came from it)."""
     run_dir = tmp_path / "run"
-    run_train(1, run_dir, *AE_RUN, "--steps=1", config=LEARNED)
+    run_train(1, run_dir, *AE_RUN, "--steps=1", config=LEARNED, shared_vae=False)
     path = run_dir / VAE_FILE
     stamp = path.stat().st_mtime_ns
-    records = metrics(run_dir)
+    records = metrics(run_dir, autoencoder=True) + metrics(run_dir)
     stages = [("autoencoder", -2), ("autoencoder", -1), ("autoencoder", 0), ("latent", 1)]
     assert [(r["stage"], r["step"]) for r in records] == stages
     assert [r["autoencoder_step"] for r in records[:3]] == [1, 2, 3]
@@ -241,11 +241,11 @@ def test_train_hook_trains_the_autoencoder_once(tmp_path):
     shutil.copytree(run_dir, lost)
     (lost / VAE_FILE).unlink()
     with pytest.raises(AssertionError, match="vae.safetensors is missing but the run already has trained stages"):
-        run_train(1, lost, *AE_RUN, "--resume", config=LEARNED)
+        run_train(1, lost, *AE_RUN, "--resume", config=LEARNED, shared_vae=False)
 
-    run_train(1, run_dir, *AE_RUN, "--resume", config=LEARNED)
+    run_train(1, run_dir, *AE_RUN, "--resume", config=LEARNED, shared_vae=False)
     assert path.stat().st_mtime_ns == stamp  # not trained again
-    assert [r["step"] for r in metrics(run_dir)] == [-2, -1, 0, 1, 2]
+    assert [r["step"] for r in metrics(run_dir, autoencoder=True) + metrics(run_dir)] == [-2, -1, 0, 1, 2]
     # Inference rebuilds it from the run's config.
     cfg = json.loads((run_dir / "config.json").read_text())
     vae = build_vae(run_vae_spec(cfg["encoders"]["vae"], run_dir))

@@ -10,7 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from _train_helpers import REPO, SMALL, TINY, child_env, losses, metrics, run_train, torchrun_cmd
+from _train_helpers import (
+    REPO,
+    SMALL,
+    TINY,
+    child_env,
+    losses,
+    metrics,
+    run_train,
+    shared_vae_override,
+    torchrun_cmd,
+)
 
 from semanticgen.train.checkpoint import list_checkpoints
 
@@ -126,7 +136,8 @@ def test_sigkill_mid_run_then_resume(straight_run, tmp_path):
     """SIGKILL the whole process group while it trains and saves every step; the newest complete checkpoint loads,
     half-written ones are never picked, and the resumed run ends with the straight run's losses."""
     run_dir = tmp_path / "run"
-    cmd = torchrun_cmd(2, [str(TINY), "--run-dir", str(run_dir), *SMALL, *STEPS, "--save-every=1"])
+    args = [str(TINY), "--run-dir", str(run_dir), *SMALL, shared_vae_override(), *STEPS, "--save-every=1"]
+    cmd = torchrun_cmd(2, args)
     proc = subprocess.Popen(
         cmd, env=child_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

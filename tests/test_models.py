@@ -248,6 +248,35 @@ def test_semantic_generator_abs_pos_is_on_by_default_and_needs_an_even_width():
         SemanticGenerator(cfg)
 
 
+@pytest.mark.parametrize("abs_pos", [True, False])
+def test_latent_generator_without_semantic_tokens_needs_absolute_positions_to_place_anything(abs_pos):
+    """The text-to-latent baseline sees no semantic token: identical VAE tokens give identical outputs with RoPE
+    alone, different ones with ``abs_pos``."""
+    cfg = dataclasses.replace(LatentGenerator.Config.tiny(), abs_pos=abs_pos)
+    model = _randomize(LatentGenerator(cfg))
+    x = torch.randn(1, cfg.in_channels, 1, 1, 1).expand(2, cfg.in_channels, 4, 4, 6).contiguous()
+    text, mask = _text(2, 5, cfg.text_dim)
+    out = model(x, torch.rand(2), text, mask, torch.zeros(2, 0, 4, cfg.sem_dim))
+    tokens = patchify(out, cfg.patch)
+    spread = (tokens - tokens[:, :1]).abs().max()
+    assert spread > 1e-2 if abs_pos else spread < 1e-5
+
+
+def test_latent_generator_abs_pos_blocked_order_matches_streams_order(monkeypatch):
+    """The embedding is added before the blocked reordering, so both orders give the same model."""
+    cfg = dataclasses.replace(LatentGenerator.Config.tiny(), abs_pos=True, attention="swin", window=2)
+    model = _randomize(LatentGenerator(cfg)).double()
+    x, tt, text, mask, z_sem = (a.double() if a.is_floating_point() else a for a in _latent_inputs(cfg, t=6, ts=2))
+    blocked = model(x, tt, text, mask, z_sem)
+    layout = model.window_layout(6, 2 * 3, 2, 6)
+    assert layout.order == "blocked"
+    monkeypatch.setattr(model, "window_layout", lambda *shape: layout.with_order("streams"))
+    torch.testing.assert_close(model(x, tt, text, mask, z_sem), blocked, rtol=1e-12, atol=1e-12)
+    no_pos = LatentGenerator(dataclasses.replace(cfg, abs_pos=False)).double()
+    no_pos.load_state_dict(model.state_dict())
+    assert (no_pos(x, tt, text, mask, z_sem) - blocked).abs().max() > 1e-3
+
+
 def test_sincos_position_embedding_uses_the_rope_angles():
     pos = grid_positions(2, 2, 3)
     emb = sincos_position_embedding(pos, 12)

@@ -16,7 +16,7 @@ from ._validation import check_conditioning, check_tensor
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder, patchify, unpatchify
 from .init import init_weights
-from .rope import grid_positions, rope_tables, token_grid
+from .rope import grid_positions, rope_tables, sincos_position_embedding, token_grid
 from .wan import WanBlock, WanFinalLayer, build_from_wan, check_flavor, check_window
 
 ATTENTION_MODES = ("full", "swin")
@@ -86,6 +86,11 @@ class LatentGenerator(nn.Module):
         """MLP width; ``None``: ``round(hidden * mlp_ratio)``."""
         cross_attn_norm: bool = True
         """Affine LayerNorm on the cross-attention input (Wan's ``cross_attn_norm``; only ``"wan"`` may turn it off)."""
+        abs_pos: bool = False
+        """Add a fixed sin/cos embedding of each token's RoPE position to its input embedding (as the semantic
+        generator does by default). Off by default: with semantic tokens in context, their content tells every VAE
+        token where it is; the one-stage text-to-latent baseline (no semantic tokens) has only RoPE's relative
+        positions without it, so from pure noise it cannot place anything (see ``SemanticGenerator.Config``)."""
 
         @classmethod
         def tiny(cls) -> LatentGenerator.Config:
@@ -108,6 +113,8 @@ class LatentGenerator(nn.Module):
             raise ValueError(f"LatentGenerator: attention must be one of {ATTENTION_MODES}, got {config.attention!r}")
         if config.hidden % config.heads:
             raise ValueError(f"LatentGenerator: hidden={config.hidden} must be divisible by heads={config.heads}")
+        if config.abs_pos and config.hidden % 2:
+            raise ValueError(f"LatentGenerator: abs_pos needs an even hidden width, got {config.hidden}")
         patch = tuple(config.patch)
         if len(patch) != 3 or any(not is_int(p) or p < 1 for p in patch):
             raise ValueError(f"LatentGenerator: patch must be three positive ints (pt, ph, pw), got {config.patch!r}")
@@ -229,6 +236,10 @@ class LatentGenerator(nn.Module):
         )
         return torch.cat([vae_pos, sem_pos])
 
+    def _position_embedding(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[N, hidden]`` sin/cos embedding of ``positions [N, 3]`` (``config.abs_pos``)."""
+        return sincos_position_embedding(positions, self.config.hidden, theta=self.config.rope_theta).to(dtype)
+
     def _check(self, x, t, text, text_mask, z_sem) -> None:
         check_tensor("LatentGenerator: x", x, 5, "[B, C, T, H, W]")
         b, c, t_len, h, w = x.shape
@@ -278,6 +289,8 @@ class LatentGenerator(nn.Module):
         tokens = torch.cat(
             [self.x_embed(patchify(x, self.patch)), self.sem_embed(z_sem.reshape(b, ts * ss, self.config.sem_dim))], 1
         )
+        if self.config.abs_pos:
+            tokens = tokens + self._position_embedding(positions, tokens.dtype)
         layout = self.window_layout(tv, hv * wv, ts, ss) if self.config.attention == "swin" else None
         blocked = layout is not None and layout.order == "blocked"
         if blocked:
@@ -367,6 +380,8 @@ class LatentGenerator(nn.Module):
         # Back from [VAE tokens, semantic tokens] to this rank's blocked order.
         position_in_cat = torch.where(is_vae, torch.cumsum(is_vae, 0) - 1, is_vae.sum() + torch.cumsum(~is_vae, 0) - 1)
         tokens = embedded.index_select(1, position_in_cat)
+        if self.config.abs_pos:
+            tokens = tokens + self._position_embedding(positions.index_select(0, index), tokens.dtype)
         cond = self.t_embed(t)
         time_mod = self.t_mod(cond)
         txt = self.text_embed(text)

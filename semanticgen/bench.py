@@ -42,7 +42,13 @@ SUITES: dict[str, str] = {
     "flow": "flow_ops",
     "block": "dit_block",
     "cp": "context_parallel",  # CPU/gloo, 2 processes: context parallelism CP 1 vs CP 2
+    "convergence": "convergence",  # CPU/gloo: 10 tiny training runs, about 30 min; only when asked for by name
 }
+
+# Suites run only when named (``--suite``): longer than the default suite is meant to take (10 minutes).
+OPT_IN: frozenset[str] = frozenset({"convergence"})
+# What ``semanticgen bench`` runs with no ``--suite``.
+DEFAULT_SUITES: tuple[str, ...] = tuple(name for name in SUITES if name not in OPT_IN)
 
 
 @dataclass

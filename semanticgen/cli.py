@@ -143,7 +143,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError("--device cuda: no CUDA device is available on this machine")
     elif device != "cpu":
         raise UserError(f"--device must be 'cpu' or 'cuda', got {device!r}")
-    suites = args.suite or list(bench.SUITES)
+    suites = args.suite or list(bench.DEFAULT_SUITES)  # opt-in suites (the convergence study) only when named
     console = _console()
     console.print(f"semanticgen bench on [bold]{device}[/bold] ({'quick' if args.quick else 'full'} run)")
     bench.run(

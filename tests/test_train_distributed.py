@@ -223,10 +223,11 @@ def test_latent_then_semantic_runs_equal_one_both_run(straight_run, tmp_path):
 def test_semantic_norm_round_trips_through_the_run(straight_run):
     """The statistics stage 1 trained on are measured over the training clips, saved with the semantic stage's
     checkpoints and exports, and handed to the pipeline unchanged."""
-    from semanticgen.data import SyntheticShapes
+    from semanticgen.data import build_dataset
     from semanticgen.encoders import build_semantic_encoder
     from semanticgen.models import SemanticNorm
     from semanticgen.runs import build_pipeline_from_run, load_run_models
+    from semanticgen.train.config import config_from_dict
     from semanticgen.train.export import read_export_meta
 
     metas = [read_export_meta(straight_run / n) for n in ("semantic.safetensors", "model.safetensors")]
@@ -238,19 +239,9 @@ def test_semantic_norm_round_trips_through_the_run(straight_run):
 
     # Measured independently: every clip of the (64-clip) dataset through the encoder and the trained compressor.
     models, meta = load_run_models(straight_run)
-    cfg = meta["config"]
-    data = cfg["data"]
-    ds = SyntheticShapes(
-        data["num_samples"],
-        height=data["height"],
-        width=data["width"],
-        vae_frames=data["vae_frames"],
-        vae_fps=data["vae_fps"],
-        sem_frames=data["sem_frames"],
-        sem_fps=data["sem_fps"],
-        seed=cfg["seed"],
-    )
-    encoder = build_semantic_encoder(cfg["encoders"]["semantic"])
+    cfg = config_from_dict(meta["config"])
+    ds = build_dataset(cfg.data, seed=cfg.seed)  # the training clips, built as training built them
+    encoder = build_semantic_encoder(cfg.encoders["semantic"])
     videos = torch.stack([ds[i]["sem_video"] for i in range(len(ds))])
     with torch.no_grad():
         z = models["compressor"].encode_mean(encoder.encode(videos)).double().flatten(0, -2)

@@ -17,11 +17,11 @@ least ``C`` unshifted windows. ``--latents-out`` holds the final latents ``[1, C
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
 
+from semanticgen._files import save_safetensors_atomic
 from semanticgen.errors import UsageError
 
 EXIT_USAGE = 2
@@ -79,18 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def save_latents(latents, path: str | Path, meta: dict) -> Path:
     """Write ``{"latents": float32 CPU tensor}`` with ``meta`` (JSON under the ``semanticgen`` key) atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"--latents-out must end in .safetensors, got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(
-        {"latents": latents.detach().float().cpu().contiguous()}, str(tmp), metadata={"semanticgen": json.dumps(meta)}
-    )
-    os.replace(tmp, path)  # a reader never sees a half-written file
-    return path
+    return save_safetensors_atomic({"latents": latents.detach().float().cpu()}, path, meta)
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
+
+from semanticgen._files import save_safetensors_atomic
 
 TENSOR_KEYS = ("latents", "sem_features", "text", "text_mask")
 INDEX = "index.json"
@@ -62,18 +64,14 @@ class ShardWriter:
         name = f"shard_{len(self.shards):05d}.safetensors"
         tensors = {k: torch.stack(self._pending[k][:n]) for k in TENSOR_KEYS}
         tensors["text_mask"] = tensors["text_mask"].to(torch.uint8)  # bool is stored as uint8 for portability
-        tmp = self.out_dir / (name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.out_dir / name)
+        save_safetensors_atomic(tensors, self.out_dir / name)
         for k in TENSOR_KEYS:
             del self._pending[k][:n]
         self._pending_n -= n
         self.shards.append({"file": name, "num_samples": n})
 
     def write_null_text(self, emb: torch.Tensor, mask: torch.Tensor) -> None:
-        save_file(
-            {"text": emb.cpu().contiguous(), "text_mask": mask.cpu().to(torch.uint8)}, str(self.out_dir / NULL_TEXT)
-        )
+        save_safetensors_atomic({"text": emb.cpu(), "text_mask": mask.cpu().to(torch.uint8)}, self.out_dir / NULL_TEXT)
 
     def close(self) -> Path:
         if self._pending_n:

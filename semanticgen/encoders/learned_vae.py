@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semanticgen._checks import check_int, is_real
+from semanticgen._files import META_KEY, save_safetensors_atomic
 
 from .pixel import PixelVAE
 from .protocols import check_video
@@ -31,7 +32,6 @@ from .protocols import check_video
 __all__ = ["LearnedVAEConfig", "LearnedVideoAE", "VAE_FILE", "run_vae_spec"]
 
 VAE_FILE = "vae.safetensors"  # the learned VAE's file in a run directory
-META_KEY = "semanticgen"  # metadata key of every semanticgen safetensors file (semanticgen.train.export)
 FORMAT = "semanticgen.learned_vae"  # the metadata's "format": tells a VAE file from a model export
 
 
@@ -247,10 +247,6 @@ class LearnedVideoAE(nn.Module):
 
     def save(self, path: str | os.PathLike, extra_meta: Mapping[str, Any] | None = None) -> Path:
         """Write weights + config + latent statistics to ``path`` atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {
             **(extra_meta or {}),
             "format": FORMAT,
@@ -259,10 +255,7 @@ class LearnedVideoAE(nn.Module):
             "latents_std": self.latents_std.flatten().tolist(),
         }
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-        return path
+        return save_safetensors_atomic(tensors, path, meta)
 
     @classmethod
     def from_pretrained(

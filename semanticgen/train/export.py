@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from semanticgen._files import META_KEY, save_safetensors_atomic
 from semanticgen.errors import UsageError
 from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator
 
 from .checkpoint import list_checkpoints
 
-META_KEY = "semanticgen"
 STAGE_MODULES = {"latent": ("latent_generator", "compressor"), "semantic": ("semantic_generator", "compressor")}
 
 
@@ -72,12 +70,7 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def write_safetensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: str | Path) -> Path:
     """Write atomically (temporary file + rename) with ``meta`` as JSON under the ``semanticgen`` metadata key."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={META_KEY: json.dumps(meta)})
-    os.replace(tmp, path)
-    return path
+    return save_safetensors_atomic(tensors, path, meta)
 
 
 def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

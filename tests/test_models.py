@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -426,6 +427,30 @@ def test_latent_generator_rejects_bad_input_and_config():
         LatentGenerator(dataclasses.replace(cfg, attention="local"))
     with pytest.raises(ValueError, match="multiple of the temporal patch"):
         LatentGenerator(dataclasses.replace(cfg, patch=(2, 2, 2), window=3))
+
+
+@pytest.mark.parametrize(
+    "cls, field, value, error, message",
+    [
+        (LatentGenerator, "window", 2.0, ValueError, "LatentGenerator: window must be a positive int, got 2.0"),
+        (LatentGenerator, "depth", True, ValueError, "LatentGenerator: depth must be a positive int, got True"),
+        (LatentGenerator, "mlp_ratio", float("nan"), ValueError, "LatentGenerator: mlp_ratio must be"),
+        (LatentGenerator, "abs_pos", 1, TypeError, "LatentGenerator: abs_pos must be a bool"),
+        (LatentGenerator, "ffn_dim", 0, ValueError, "LatentGenerator: ffn_dim must be a positive int"),
+        (SemanticGenerator, "heads", "2", ValueError, "SemanticGenerator: heads must be a positive int"),
+        (SemanticGenerator, "qk_norm", 1, TypeError, "SemanticGenerator: qk_norm must be a bool"),
+        (SemanticGenerator, "grid_aspect", 0.0, ValueError, "SemanticGenerator: grid_aspect must be"),
+        (SemanticCompressor, "hidden", 0, ValueError, "SemanticCompressor: hidden must be a positive int, got 0"),
+        (SemanticCompressor, "logvar_max", -40.0, ValueError, "logvar_min must be below logvar_max"),
+    ],
+)
+def test_model_configs_reject_wrong_types_and_values(cls, field, value, error, message):
+    """A float window or a bool depth used to build a model (``2.0 % 1 == 0``, ``True == 1``): now each field's kind
+    is checked, and the error names the model and the field."""
+    cfg = dataclasses.replace(cls.Config.tiny(), **{field: value})
+    with pytest.raises(error, match=re.escape(message)):
+        cls(cfg)
+    cls(dataclasses.replace(cfg, **{field: getattr(cls.Config.tiny(), field)}))  # the tiny value builds
 
 
 def test_default_configs_build_on_meta_device():

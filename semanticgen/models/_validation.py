@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from semanticgen._checks import check_bool, check_int, check_number
+
 
 def check_tensor(name: str, x: object, ndim: int, layout: str) -> torch.Tensor:
     """Raise unless ``x`` is a floating-point tensor with ``ndim`` dims (``layout`` names them)."""
@@ -39,3 +41,36 @@ def check_conditioning(
         raise ValueError(
             f"{who}: text_mask must be [B, L] = {tuple(text.shape[:2])} like text, got {tuple(text_mask.shape)}"
         )
+
+
+def check_config(
+    who: str,
+    config: object,
+    *,
+    positive_ints: tuple[str, ...] = (),
+    numbers: tuple[str, ...] = (),
+    positive_numbers: tuple[str, ...] = (),
+    bools: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
+) -> None:
+    """Check the fields of a model ``Config`` dataclass by kind, naming the model and the field on error.
+
+    Args:
+        positive_ints: fields that must be ints >= 1 (``window=2.0`` or ``depth=True`` is an error, not 2 or 1).
+        numbers, positive_numbers: fields that must be finite real numbers (``> 0`` for the second).
+        bools: fields that must be bools.
+        optional: fields among those above that may also be ``None``.
+
+    Raises:
+        TypeError: a bool field is not a bool. ValueError: any other field is not what its kind says.
+    """
+    for name in positive_ints:
+        check_int(name, getattr(config, name), minimum=1, allow_none=name in optional, who=who)
+    for name in numbers:
+        check_number(name, getattr(config, name), finite=True, allow_none=name in optional, who=who)
+    for name in positive_numbers:
+        check_number(name, getattr(config, name), positive=True, finite=True, allow_none=name in optional, who=who)
+    for name in bools:
+        value = getattr(config, name)
+        if not (value is None and name in optional):
+            check_bool(name, value, who=who)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ._validation import check_tensor
+from ._validation import check_config, check_tensor
 from .init import init_weights
 
 
@@ -124,8 +124,17 @@ class SemanticCompressor(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
-        if config.dim < 1 or config.in_dim < 1 or config.hidden < 1 or config.depth < 1:
-            raise ValueError(f"SemanticCompressor: in_dim, dim, hidden and depth must be >= 1, got {config}")
+        check_config(
+            "SemanticCompressor",
+            config,
+            positive_ints=("in_dim", "dim", "hidden", "depth"),
+            numbers=("logvar_min", "logvar_max"),
+        )
+        if config.logvar_min >= config.logvar_max:
+            raise ValueError(
+                "SemanticCompressor: logvar_min must be below logvar_max, "
+                f"got {config.logvar_min} >= {config.logvar_max}"
+            )
         layers: list[nn.Module] = [nn.LayerNorm(config.in_dim)]
         width = config.in_dim
         for _ in range(config.depth):

@@ -12,7 +12,7 @@ from semanticgen._checks import is_int
 from semanticgen.ops import WindowLayout, WindowShard
 from semanticgen.parallel import ContextGroup, HaloSplit, gather_tokens, shift_ownership, shift_ownership_overlapped
 
-from ._validation import check_conditioning, check_tensor
+from ._validation import check_conditioning, check_config, check_tensor
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder, patchify, unpatchify
 from .init import init_weights
@@ -109,6 +109,14 @@ class LatentGenerator(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        check_config(
+            "LatentGenerator",
+            config,
+            positive_ints=("in_channels", "sem_dim", "hidden", "depth", "heads", "text_dim", "window", "ffn_dim"),
+            positive_numbers=("mlp_ratio", "rope_theta"),
+            bools=("qk_norm", "cross_attn_norm", "abs_pos"),
+            optional=("ffn_dim",),
+        )
         if config.attention not in ATTENTION_MODES:
             raise ValueError(f"LatentGenerator: attention must be one of {ATTENTION_MODES}, got {config.attention!r}")
         if config.hidden % config.heads:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._validation import check_conditioning, check_tensor
+from ._validation import check_conditioning, check_config, check_tensor
 from .blocks import DiTBlock, FinalLayer, TimestepModulation
 from .embeddings import TextProjection, TimestepEmbedder
 from .init import init_weights
@@ -78,6 +78,14 @@ class SemanticGenerator(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        check_config(
+            "SemanticGenerator",
+            config,
+            positive_ints=("dim", "hidden", "depth", "heads", "text_dim", "ffn_dim"),
+            positive_numbers=("mlp_ratio", "rope_theta", "grid_aspect"),
+            bools=("qk_norm", "cross_attn_norm", "abs_pos"),
+            optional=("ffn_dim", "abs_pos"),
+        )
         if config.hidden % config.heads:
             raise ValueError(f"SemanticGenerator: hidden={config.hidden} must be divisible by heads={config.heads}")
         check_flavor("SemanticGenerator", config.flavor, config.qk_norm, config.cross_attn_norm)

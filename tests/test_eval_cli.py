@@ -73,7 +73,7 @@ def test_a_run_without_its_semantic_stage_is_refused(tiny_run, tmp_path, capsys)
 def test_prompts_out_of_range_is_one_line(tmp_path, capsys, n):
     assert main(["eval", "--checkpoint", str(tmp_path), "--prompts", n]) == 2
     lines = _error_lines(capsys)
-    assert len(lines) == 1 and "--prompts must be an integer in 1..84" in lines[0]
+    assert len(lines) == 1 and f"--prompts must be an int in [1, 84], got {n}" in lines[0]
 
 
 def test_prompt_sample_is_seeded_and_covers_the_vocabulary():

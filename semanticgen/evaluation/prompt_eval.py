@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from semanticgen._checks import check_int
 from semanticgen.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SyntheticShapes
 from semanticgen.errors import UsageError
 
@@ -57,8 +58,7 @@ def sample_prompts(num_prompts: int | None, seed: int) -> list[str]:
     total = len(VOCABULARY)
     if num_prompts is None:
         return list(VOCABULARY)
-    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or not 1 <= num_prompts <= total:
-        raise UsageError(f"--prompts must be an integer in 1..{total}, got {num_prompts!r}")
+    check_int("--prompts", num_prompts, minimum=1, maximum=total, error=UsageError)
     picked = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:num_prompts]
     return [VOCABULARY[i] for i in sorted(picked.tolist())]
 
@@ -161,8 +161,7 @@ def evaluate_run(
     from semanticgen.runs import build_pipeline_from_run
 
     prompts = sample_prompts(num_prompts, seed)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive integer, got {batch_size!r}")
+    check_int("--batch-size", batch_size, minimum=1, error=UsageError)
     device = _device(device)
     steps = generate_default("steps") if steps is None else steps
     guidance = float(generate_default("guidance") if guidance is None else guidance)

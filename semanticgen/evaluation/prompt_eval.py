@@ -22,12 +22,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from semanticgen._checks import check_int
+from semanticgen.data import build_dataset
 from semanticgen.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SyntheticShapes
 from semanticgen.errors import UsageError
 
@@ -83,17 +85,8 @@ def _dataset(cfg: dict[str, Any]) -> SyntheticShapes:
     """The run's synthetic dataset, built as training built it (``semanticgen.data.build_dataset``), extended past
     its ``num_samples`` (clips are a pure function of ``(seed, index)``, so the training set is its first
     ``num_samples`` clips and later indices are real clips the run never saw)."""
-    d = cfg["data"]
-    return SyntheticShapes(
-        int(d["num_samples"]) + _SEARCH_PAST_TRAINING,
-        height=int(d["height"]),
-        width=int(d["width"]),
-        vae_frames=int(d["vae_frames"]),
-        vae_fps=float(d["vae_fps"]),
-        sem_frames=int(d["sem_frames"]),
-        sem_fps=float(d["sem_fps"]),
-        seed=int(cfg.get("seed", 0)),
-    )
+    data_cfg = SimpleNamespace(**dict(cfg["data"], num_samples=int(cfg["data"]["num_samples"]) + _SEARCH_PAST_TRAINING))
+    return build_dataset(data_cfg, seed=int(cfg.get("seed", 0)))
 
 
 def _real_clip_indices(data: SyntheticShapes, num_samples: int, prompts: Sequence[str]) -> dict[str, tuple[int, bool]]:

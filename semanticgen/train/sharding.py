@@ -173,11 +173,22 @@ def copy_full_into(param: torch.Tensor, value: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def materialize(root: nn.Module, units: list[InitUnit], device: torch.device, seed: int) -> None:
+def materialize(
+    root: nn.Module, units: list[InitUnit], device: torch.device, seed: int, *, loaded: frozenset[str] = frozenset()
+) -> None:
     """Give the meta-built, sharded ``root`` storage on ``device`` and initialise every unit (see module docstring).
 
+    Units named in ``loaded`` are about to be overwritten (by a pretrained checkpoint or a resumed one): building
+    and initialising their full copies would be wasted (for a 14B model that is 14B random draws on every rank), so
+    their shards are filled with NaN instead, which makes any parameter the load misses impossible to overlook.
     Buffers that already hold values (e.g. a stage's empty-prompt embedding) keep them.
+
+    Raises:
+        ValueError: ``loaded`` names a unit that does not exist.
     """
+    unknown = set(loaded) - {unit.name for unit in units}
+    if unknown:
+        raise ValueError(f"materialize: loaded names unknown init units {sorted(unknown)}")
     kept = {(id(m), n): b.clone() for m in root.modules() for n, b in m.named_buffers(recurse=False) if not b.is_meta}
     root.to_empty(device=device)
     for m in root.modules():
@@ -185,16 +196,35 @@ def materialize(root: nn.Module, units: list[InitUnit], device: torch.device, se
             if (id(m), n) in kept:
                 b.copy_(kept[(id(m), n)])
     for unit in units:
+        targets = _owned_parameters(unit.module, unit.exclude)
+        if unit.name in loaded:
+            for param in targets.values():
+                (param.to_local() if isinstance(param, DTensor) else param).fill_(float("nan"))
+            continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(unit_seed(seed, unit.name))
             full = init_weights(unit.template.to_empty(device="cpu"))
-        targets = _owned_parameters(unit.module, unit.exclude)
         values = dict(full.named_parameters())
         if values.keys() != targets.keys():
             raise ValueError(f"materialize: unit {unit.name!r} template and module parameters differ")
         for name, value in values.items():
             copy_full_into(targets[name], value)
         unit.template.to_empty(device="meta")  # drop the full copy now, not when the unit list goes
+
+
+@torch.no_grad()
+def check_loaded(root: nn.Module) -> None:
+    """Raise if a parameter of ``root`` still holds the NaN :func:`materialize` put in units it was told are loaded.
+
+    Each rank checks its own shards, so a missing value is reported by the ranks that hold it.
+
+    Raises:
+        RuntimeError: naming the first such parameter.
+    """
+    for name, param in root.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if local.is_floating_point() and local.numel() and bool(torch.isnan(local).all()):
+            raise RuntimeError(f"{name} is all NaN after loading: no checkpoint filled it, or the checkpoint holds NaN")
 
 
 @torch.no_grad()

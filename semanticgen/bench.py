@@ -23,14 +23,17 @@ import datetime as _dt
 import importlib
 import json
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+# One environment record for every result file (semanticgen/environment.py). ``environment`` and ``_cpu_model``
+# stay importable from here for callers written before that module existed (selftest.py).
+from semanticgen.environment import cpu_model as _cpu_model  # noqa: F401
+from semanticgen.environment import environment
 
 # Parent of the per-run result directories when no output directory is given.
 DEFAULT_ROOT = "bench-results"
@@ -61,67 +64,6 @@ class SuiteResult:
 
 def best_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _git_commit() -> str | None:
-    """Commit of the source tree the package runs from, when it is a git checkout."""
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
-        return None
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: str) -> dict:
-    """Machine, versions, commit and time stamped on every result file."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    import semanticgen
-
-    env = {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "machine": platform.node(),
-        "arch": platform.machine(),
-        "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "semanticgen": semanticgen.__version__,
-        "git_commit": _git_commit(),
-    }
-    if device.startswith("cuda") and torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
 
 
 def _load_suite(module_name: str):

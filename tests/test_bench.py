@@ -97,12 +97,40 @@ def test_quiet_run_has_no_warning(tmp_path, monkeypatch):
     assert json.loads(paths["json"].read_text())["noise"]["warning"] is None
 
 
+ENVIRONMENT_KEYS = (
+    "timestamp", "device", "machine", "arch", "cpu", "cpu_count", "torch_threads", "platform", "python", "torch",
+    "torch_cuda", "triton", "semanticgen", "git_commit", "extension", "extension_build", "extension_cuda_archs",
+    "cpu_capability", "gpu", "gpu_capability", "gpu_memory_gib",
+)  # fmt: skip
+
+
+def test_environment_records_versions_build_and_gpu():
+    from semanticgen._extension import built_cuda_archs, extension_available
+    from semanticgen.environment import environment
+
+    assert bench.environment is environment  # one record for bench and selftest
+    env = environment("cpu")
+    assert tuple(env) == ENVIRONMENT_KEYS  # always every key, so every machine's CSV has the same columns
+    assert all(v is None or isinstance(v, (str, int, float)) for v in env.values())  # a CSV cell holds it as is
+    assert env["torch"] == torch.__version__ and env["torch_cuda"] == torch.version.cuda
+    if extension_available():
+        assert env["extension"] == "loaded" and env["extension_build"].startswith("cuda=")
+        assert env["extension_cuda_archs"] == ";".join(built_cuda_archs())
+        assert env["cpu_capability"] in ("avx2", "avx512")
+    else:
+        assert env["extension"].startswith("MISSING: ") and env["extension_build"] is None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        assert env["gpu"] == torch.cuda.get_device_name() and env["gpu_capability"] == f"{major}.{minor}"
+    else:
+        assert env["gpu"] is env["gpu_capability"] is env["gpu_memory_gib"] is None
+
+
 def test_csv_carries_the_json_environment(tmp_path, monkeypatch):
     _fake_suites(monkeypatch, [{"suite": "flow", "device": "cpu", "op": "x", "impl": "fused", "ms": 1.0}] * 2)
     paths = bench.run(["flow"], quick=True, device="cpu", out_dir=tmp_path, show_progress=False)
     env = json.loads(paths["json"].read_text())["environment"]
-    for key in ("machine", "cpu", "torch", "triton", "git_commit", "timestamp", "python", "platform"):
-        assert key in env
+    assert tuple(env) == ENVIRONMENT_KEYS
     with open(paths["csv"]) as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 2

@@ -4,7 +4,9 @@ Wall-clock medians over repeats after warm-up: this machine is noisy, so every f
 reports is also given as a ratio against a baseline measured in the same run, with its spread across
 repeats (min, median, max). :func:`noise_flag` marks a figure whose max/min exceeds :data:`SPREAD_BOUND`,
 so a table never shows a noisy number as if it were a measurement. GPU benchmarks use
-:func:`cuda_event_times` (CUDA events, L2 flushed between calls) and :func:`summarize`.
+:func:`cuda_event_times` (CUDA events, L2 flushed between calls) and :func:`summarize`;
+:func:`time_candidates` picks that or the CPU's round-robin by device. :func:`flag_slow_layouts` marks a
+layout of the same op that is slower than the best one beyond both rows' spread (a shape cliff).
 """
 
 from __future__ import annotations
@@ -176,6 +178,73 @@ def cuda_event_times(
         end.synchronize()  # per call: the stopping rule needs wall time, and calls here are >= milliseconds
         times.append(start.elapsed_time(end))
     return times
+
+
+def time_candidates(
+    fns: dict[str, Callable[[], object]],
+    *,
+    device: str,
+    repeats: int,
+    warmup: int = 1,
+    cuda_warmup: int | None = None,
+    cuda_min_seconds: float = 0.3,
+) -> dict[str, dict[str, float]]:
+    """Per candidate, :func:`summarize`'s median/min/max milliseconds, timed the fair way for ``device``.
+
+    CUDA: each candidate on its own with :func:`cuda_event_times` (CUDA events, L2 flushed before every call)
+    after ``cuda_warmup`` untimed calls (default ``warmup``; Triton and ``torch.compile`` compile in those), at
+    least ``repeats`` calls and up to ``4 * repeats`` while under ``cuda_min_seconds``. Elsewhere
+    :func:`measure_interleaved` with ``warmup`` and ``repeats``: round-robin, so background load on a shared CPU
+    hits every candidate alike.
+    """
+    if device.startswith("cuda"):
+        warmup = warmup if cuda_warmup is None else cuda_warmup
+        return {
+            name: summarize(
+                cuda_event_times(
+                    fn,
+                    device=device,
+                    warmup=warmup,
+                    min_repeats=repeats,
+                    max_repeats=4 * repeats,
+                    min_seconds=cuda_min_seconds,
+                )
+            )
+            for name, fn in fns.items()
+        }
+    return measure_interleaved(fns, device=device, warmup=warmup, repeats=repeats)
+
+
+# A layout of the same op on the same data is a shape cliff when even its fastest repeat took more than this
+# many times the best layout's slowest: issue 14's 1-D cfg_euler_step took 8.5x its (1, N) layout, while
+# layouts that run the same loop agree within the repeats' spread. Comparing min against max means noise
+# alone (one slow repeat, a busy neighbour) cannot flag a row; only a gap wider than both spreads can.
+LAYOUT_BOUND = 1.5
+
+
+def flag_slow_layouts(
+    rows: list[dict], group: tuple[str, ...] = ("op", "impl", "dtype"), bound: float = LAYOUT_BOUND
+) -> None:
+    """Compare rows that time the same work in different layouts (one row per ``shape`` within each ``group``).
+
+    Sets on every row ``vs_best_layout`` (its median over the fastest layout's median) and ``slow_layout``: None,
+    or ``"2.10x (1, 16384): min 2.1 ms > 1.5 x max 0.95 ms"`` (that layout's name and the figures) when the row's
+    ``ms_min`` exceeds ``bound`` times the fastest layout's ``ms_max``.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row.get(k) for k in group), []).append(row)
+    for members in groups.values():
+        best = min(members, key=lambda r: r["ms"])
+        for row in members:
+            row["vs_best_layout"] = row["ms"] / best["ms"] if best["ms"] > 0 else float("inf")
+            slow = row["ms_min"] > bound * best["ms_max"]
+            row["slow_layout"] = (
+                f"{row['vs_best_layout']:.2f}x {best['shape']}: min {row['ms_min']:.3g} ms > "
+                f"{bound:g} x max {best['ms_max']:.3g} ms"
+                if slow
+                else None
+            )
 
 
 class NullProgress:

@@ -8,7 +8,8 @@ halved. Reports milliseconds, tokens/s, achieved GFLOP/s of the whole block (mod
 attention FLOPs only for the windowed block), the share of the block's FLOPs spent in self-attention,
 and the windowed block's speedup over the full-attention block measured in the same run. Each time
 carries its spread over the repeats (``ms_min``, ``ms_max``) and a ``noise`` flag above
-``_timing.SPREAD_BOUND``.
+``_timing.SPREAD_BOUND``. On CPU both attentions are timed round-robin (wall clock); on CUDA each is timed
+with CUDA events after warm-up, with L2 flushed before every call (``_timing.time_candidates``).
 
 Run alone: ``python -m semanticgen.benchmarks.dit_block [--quick] [--device cpu]``.
 """
@@ -23,7 +24,7 @@ import torch
 from semanticgen.models import DiTBlock, LatentGenerator, rope_tables
 from semanticgen.ops import WindowLayout
 
-from ._timing import NullProgress, measure_interleaved, spread_fields
+from ._timing import NullProgress, spread_fields, time_candidates
 
 TEXT_TOKENS = 64
 TW = 4  # window in latent frames
@@ -110,8 +111,14 @@ def _bench_case(case: Case, quick: bool, device: str, dtype: torch.dtype, progre
     rows = []
     for pass_name, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
         progress.advance(f"DiT block N={n} {pass_name}")
-        timed = measure_interleaved(
-            {"full": lambda fn=fn: fn(None), "swin": lambda fn=fn: fn(layout)}, device=device, repeats=repeats
+        # CPU: round-robin wall clock, as before; CUDA: events with an L2 flush before every call, after two
+        # warm-up calls (the Triton kernels compile in the first).
+        timed = time_candidates(
+            {"full": lambda fn=fn: fn(None), "swin": lambda fn=fn: fn(layout)},
+            device=device,
+            repeats=repeats,
+            warmup=1,
+            cuda_warmup=2,
         )
         full_ms = timed["full"]["ms"] / 2
         for impl in ("full", "swin"):

@@ -28,7 +28,10 @@ timed with CUDA events after warm-up, with L2 flushed before every call.
 
 A shape sweep then times ``cfg_euler_step(..., out=)`` (fused and eager, float32) on the same ``2^24``
 elements laid out as ``(n,)``, ``(1, n)``, ``(4, n/4)`` and ``(B, n/B)`` with large ``B``: the op's speed
-should not depend on how the leading dimension is laid out, and these rows show whether it does.
+should not depend on how the leading dimension is laid out. Each sweep row gives ``vs_best_layout`` (its median
+over the fastest layout's, same op, impl and dtype) and ``slow_layout``, set when even its fastest repeat took
+more than ``_timing.LAYOUT_BOUND`` (1.5) times the fastest layout's slowest: a shape cliff, which the run's
+closing warning names.
 
 Run alone: ``python -m semanticgen.benchmarks.flow_ops [--quick] [--device cpu|cuda]``.
 """
@@ -45,11 +48,10 @@ from semanticgen.ops import flow
 
 from ._timing import (
     NullProgress,
-    cuda_event_times,
+    flag_slow_layouts,
     last_level_cache_bytes,
-    measure_interleaved,
     spread_fields,
-    summarize,
+    time_candidates,
 )
 
 NUMEL = 1 << 24
@@ -77,7 +79,7 @@ def _dtypes(quick: bool) -> tuple[torch.dtype, ...]:
 
 
 def steps(quick: bool) -> int:
-    return len(OPS) * len(_dtypes(quick)) + len(SWEEP_BATCHES)
+    return len(OPS) * len(_dtypes(quick)) + 1  # the layout sweep is timed in one round
 
 
 def skip_reason(device: str) -> str | None:
@@ -90,19 +92,9 @@ def skip_reason(device: str) -> str | None:
 
 
 def _time(fns: dict, device: str, repeats: int) -> dict[str, dict[str, float]]:
-    """Per candidate, :func:`summarize`'s median/min/max milliseconds."""
-    if device.startswith("cuda"):
-        # CUDA events per call with a 256 MB L2 flush before each (cuda_event_times), after warm-up
-        # calls that also trigger torch.compile's first compile.
-        return {
-            name: summarize(
-                cuda_event_times(
-                    fn, device=device, warmup=3, min_repeats=repeats, max_repeats=4 * repeats, min_seconds=0.3
-                )
-            )
-            for name, fn in fns.items()
-        }
-    return measure_interleaved(fns, device=device, warmup=2, repeats=repeats)
+    """Per candidate, :func:`summarize`'s median/min/max milliseconds (:func:`time_candidates`: on CUDA, events
+    with an L2 flush before each call, after 3 warm-up calls that also trigger torch.compile's first compile)."""
+    return time_candidates(fns, device=device, repeats=repeats, warmup=2, cuda_warmup=3)
 
 
 def triad_numel(llc_bytes: int) -> int:
@@ -382,7 +374,9 @@ def _row(device, op, impl, dtype_name, shape, nbytes, timing, llc, **extra) -> d
 
 def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
     """Rows ``{op, impl, dtype, shape, ms, ms_min, ms_max, spread, noise, GB/s, speedup_vs_eager,
-    compiled_ms_ratio, roof_fraction, err_ulps}``, the ``triad roof`` rows among them.
+    compiled_ms_ratio, roof_fraction, err_ulps}``, the ``triad roof`` rows among them, then the shape sweep's
+    (``vs_best_layout`` and ``slow_layout`` in place of the compiled and error columns; see
+    :func:`._timing.flag_slow_layouts`).
 
     ``cpu_capability`` in each CPU row names the variant of the fused kernels that ran (``avx2``
     or ``avx512``; set ``SEMANTICGEN_CPU_CAPABILITY`` to compare them).
@@ -410,16 +404,22 @@ def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
                 rows.append(_row(device, op, impl, "float32" if is_roof else dtype_name, shape, moved, t, llc, **extra))
             progress.advance(f"flow {op} {dtype_name}")
         del cases
-    for shape, fns in _sweep_cases(device).items():
-        times = _time({**fns, "triad roof": triad}, device, repeats)
-        roof_gbs = triad_bytes / (times["triad roof"]["ms"] * 1e-3) / 1e9
-        for impl in fns:
-            t = times[impl]
+    # Every layout in one round-robin (on CPU): a burst of background load then slows all layouts alike instead
+    # of posing as a shape cliff in the one it hit.
+    cases = _sweep_cases(device)
+    fns = {f"{impl} {shape}": fn for shape, impl_fns in cases.items() for impl, fn in impl_fns.items()}
+    times = _time({**fns, "triad roof": triad}, device, repeats)
+    roof_gbs = triad_bytes / (times["triad roof"]["ms"] * 1e-3) / 1e9
+    sweep: list[dict] = []
+    for shape, impl_fns in cases.items():
+        for impl in impl_fns:
+            t = times[f"{impl} {shape}"]
             gbs = 4 * NUMEL * 4 / (t["ms"] * 1e-3) / 1e9
-            extra = {"speedup_vs_eager": times["eager"]["ms"] / t["ms"], "roof_fraction": gbs / roof_gbs}
-            rows.append(_row(device, SWEEP_OP, impl, "float32", shape, 4 * NUMEL * 4, t, llc, **extra))
-        progress.advance(f"flow cfg_euler_step {shape}")
-    return rows
+            extra = {"speedup_vs_eager": times[f"eager {shape}"]["ms"] / t["ms"], "roof_fraction": gbs / roof_gbs}
+            sweep.append(_row(device, SWEEP_OP, impl, "float32", shape, 4 * NUMEL * 4, t, llc, **extra))
+    flag_slow_layouts(sweep)  # per op/impl/dtype: vs_best_layout, and slow_layout beyond _timing.LAYOUT_BOUND
+    progress.advance("flow cfg_euler_step layout sweep")
+    return rows + sweep
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(quick=args.quick, device=args.device, progress=_Print())
     header = (
         "op", "impl", "dtype", "shape", "ms", "ms_min", "ms_max", "GB/s", "speedup_vs_eager", "roof_fraction",
-        "err_ulps", "noise",
+        "err_ulps", "vs_best_layout", "slow_layout", "noise",
     )  # fmt: skip
     if args.device == "cpu":
         print(f"fused CPU kernels: {rows[0]['cpu_capability']}, {rows[0]['threads']} threads")

@@ -13,7 +13,9 @@ overwrites another's results.
 
 Rows that carry a ``noise`` field (set by the suites: a spread across repeats above
 ``_timing.SPREAD_BOUND``, or an impossible growth with N) are flagged in the tables and the JSON, and
-:func:`run` ends with a warning to rerun on a quiet machine.
+:func:`run` ends with a warning to rerun on a quiet machine. Rows with a ``slow_layout`` field (the flow
+suite's shape sweep: a layout slower than ``_timing.LAYOUT_BOUND`` times the best layout of the same op,
+beyond both rows' spread) are flagged the same way, and the closing warnings name that shape cliff too.
 """
 
 from __future__ import annotations
@@ -153,11 +155,11 @@ def print_tables(results: Sequence[SuiteResult], console=None) -> None:
             columns += [k for k in row if k not in columns and k not in skip_cols]
         table = Table(title=result.name)
         for col in columns:
-            table.add_column(
-                col, justify="left" if col in ("impl", "op", "pass", "dtype", "case", "shape", "noise") else "right"
-            )
+            left = col in ("impl", "op", "pass", "dtype", "case", "shape", "noise", "slow_layout")
+            table.add_column(col, justify="left" if left else "right")
         for row in result.rows:
-            table.add_row(*(_fmt(row.get(c)) for c in columns), style="red" if row.get("noise") else None)
+            flagged = row.get("noise") or row.get("slow_layout")
+            table.add_row(*(_fmt(row.get(c)) for c in columns), style="red" if flagged else None)
         console.print(table)
 
 
@@ -176,6 +178,31 @@ def noise_warning(results: Sequence[SuiteResult]) -> str | None:
         f"{len(flagged)} of {sum(len(r.rows) for r in results)} rows flagged as noisy ({', '.join(suites)}; "
         "see the 'noise' column): rerun on a quiet machine before quoting them"
     )
+
+
+def slow_layout_rows(results: Sequence[SuiteResult]) -> list[dict]:
+    """Rows a layout sweep flagged (a truthy ``slow_layout`` field, see ``_timing.flag_slow_layouts``)."""
+    return [row for r in results for row in r.rows if row.get("slow_layout")]
+
+
+def slow_layout_warning(results: Sequence[SuiteResult]) -> str | None:
+    """One line naming the ops whose speed depends on the layout of the same data, or None when none does."""
+    from semanticgen.benchmarks._timing import LAYOUT_BOUND
+
+    flagged = slow_layout_rows(results)
+    if not flagged:
+        return None
+    names = sorted({f"{row.get('op', '?')} {row.get('impl', '')} {row.get('shape', '')}".strip() for row in flagged})
+    return (
+        f"{len(flagged)} layout(s) slower than {LAYOUT_BOUND:g}x the best layout of the same op and data, beyond "
+        f"the spread of both ({'; '.join(names)}; see the 'slow_layout' column): a shape cliff, not noise"
+    )
+
+
+def closing_warnings(results: Sequence[SuiteResult]) -> list[str]:
+    """The run's closing warnings: noisy figures (:func:`noise_warning`), then shape cliffs
+    (:func:`slow_layout_warning`)."""
+    return [w for w in (noise_warning(results), slow_layout_warning(results)) if w]
 
 
 def new_out_dir(env: dict, quick: bool, root: str | Path = DEFAULT_ROOT) -> Path:
@@ -204,6 +231,7 @@ def run(
     that one run never overwrites another. Returns the paths written (``json``, ``csv``, maybe ``plot``).
     """
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console()
     results = run_suites(names, quick=quick, device=device, show_progress=show_progress)
@@ -215,8 +243,8 @@ def run(
     console.print(
         f"suites took {sum(r.seconds for r in timed):.0f} s: " + ", ".join(f"{r.name} {r.seconds:.0f} s" for r in timed)
     )
-    if warning := noise_warning(results):
-        console.print(f"[bold red]warning:[/bold red] {warning}")
+    for warning in closing_warnings(results):
+        console.print(f"[bold red]warning:[/bold red] {escape(warning)}")
     return paths
 
 
@@ -232,7 +260,7 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [row for r in results for row in r.rows]
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv"}
-    from semanticgen.benchmarks._timing import SPREAD_BOUND
+    from semanticgen.benchmarks._timing import LAYOUT_BOUND, SPREAD_BOUND
 
     payload = {
         "environment": env,
@@ -242,6 +270,11 @@ def write_results(
             "spread_bound": SPREAD_BOUND,
             "flagged_rows": len(noisy_rows(results)),
             "warning": noise_warning(results),
+        },
+        "layout": {
+            "bound": LAYOUT_BOUND,
+            "flagged_rows": len(slow_layout_rows(results)),
+            "warning": slow_layout_warning(results),
         },
         "rows": rows,
     }

@@ -1,5 +1,6 @@
-"""The benchmark runner's noise flags, result directories and CSV columns, and the flow-op suite's
-triad roof, fp32-upcast baseline and shape sweep (small sizes, torch.compile replaced by the eager function)."""
+"""The benchmark runner's noise and shape-cliff flags, result directories and environment columns, the timing
+helpers' device dispatch, and the flow-op suite's triad roof, fp32-upcast baseline and shape sweep (small sizes,
+torch.compile replaced by the eager function)."""
 
 from __future__ import annotations
 
@@ -177,6 +178,100 @@ def test_flow_rows_have_triad_roof_upcast_baseline_and_shape_sweep(small_flow):
     sweep = {(r["shape"], r["impl"]) for r in rows if r["op"] == small_flow.SWEEP_OP}
     assert {s for s, _ in sweep} == {"(16384,)", "(1, 16384)", "(4, 4096)", "(256, 64)"}
     assert {i for _, i in sweep} == {"fused", "eager"}
+    for impl in ("fused", "eager"):
+        ratios = [r["vs_best_layout"] for r in rows if r["op"] == small_flow.SWEEP_OP and r["impl"] == impl]
+        assert len(ratios) == 4 and min(ratios) == 1.0 and all(x >= 1.0 for x in ratios)
+    assert all("slow_layout" in r for r in rows if r["op"] == small_flow.SWEEP_OP)
+
+
+def _layouts(op, impl, timings):
+    """Sweep rows of one op from ``{shape: [per-repeat ms]}``."""
+    return [
+        {"op": op, "impl": impl, "dtype": "float32", "shape": shape, **_timing.summarize(ms)}
+        for shape, ms in timings.items()
+    ]
+
+
+def test_slow_layout_flags_a_cliff_and_not_noise():
+    # Issue 14's cliff: the 1-D layout 8.5x the (1, N) one, every repeat of it slower than any of the best's.
+    cliff = _layouts("cfg", "fused", {"(n,)": [58.0, 59.0, 61.0], "(1, n)": [6.5, 6.9, 7.2], "(4, n/4)": [6.9, 7.3]})
+    # Noise: one layout's median doubled by two slow repeats, but its fastest repeat is as fast as the best's.
+    noise = _layouts("cfg", "eager", {"(n,)": [7.0, 14.0, 16.0], "(1, n)": [6.5, 6.9, 10.1], "(4, n/4)": [6.8, 7.1]})
+    # A real but small gap (1.3x) stays within the bound.
+    small = _layouts("cfg", "fused", {"(n,)": [9.0, 9.1], "(1, n)": [6.9, 7.0]})
+    small[0]["dtype"] = small[1]["dtype"] = "bfloat16"  # its own group: same op and impl, another dtype
+    rows = cliff + noise + small
+    _timing.flag_slow_layouts(rows)
+    by = {(r["impl"], r["dtype"], r["shape"]): r for r in rows}
+    one_d = by["fused", "float32", "(n,)"]
+    assert one_d["vs_best_layout"] == pytest.approx(59.0 / 6.9)
+    assert one_d["slow_layout"] == "8.55x (1, n): min 58 ms > 1.5 x max 7.2 ms"
+    assert (
+        by["fused", "float32", "(1, n)"]["slow_layout"] is None
+        and by["fused", "float32", "(4, n/4)"]["slow_layout"] is None
+    )
+    assert by["eager", "float32", "(n,)"]["vs_best_layout"] == pytest.approx(14.0 / 6.9)  # median 2x the best ...
+    assert all(r["slow_layout"] is None for r in noise + small)  # ... but not a cliff
+
+
+def test_slow_layout_is_in_the_table_json_and_closing_warning(tmp_path, monkeypatch):
+    rows = _layouts("cfg_euler_step shape sweep", "fused", {"(16,)": [5.0, 5.1], "(1, 16)": [1.0, 1.1]})
+    _timing.flag_slow_layouts(rows)
+    _fake_suites(monkeypatch, [{"suite": "flow", "noise": None, **r} for r in rows])
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    paths = bench.run(["flow"], quick=True, device="cpu", out_dir=tmp_path, show_progress=False, console=console)
+    text = console.export_text()
+    assert "slow_layout" in text and "4.81x (1, 16)" in text
+    assert "1 layout(s) slower than 1.5x the best layout" in text and "cfg_euler_step shape sweep fused (16,)" in text
+    assert "rerun on a quiet machine" not in text  # a cliff is not noise
+    payload = json.loads(paths["json"].read_text())
+    assert payload["layout"]["bound"] == _timing.LAYOUT_BOUND and payload["layout"]["flagged_rows"] == 1
+    assert "shape cliff" in payload["layout"]["warning"] and payload["noise"]["warning"] is None
+    assert [r["slow_layout"] is not None for r in payload["rows"]] == [True, False]
+
+
+def test_quick_flow_run_writes_the_sweep_ratios_to_json(small_flow, tmp_path):
+    paths = bench.run(["flow"], quick=True, device="cpu", out_dir=tmp_path, show_progress=False)
+    payload = json.loads(paths["json"].read_text())
+    sweep = [r for r in payload["rows"] if r["op"] == small_flow.SWEEP_OP]
+    assert len(sweep) == 2 * 4
+    assert all(r["vs_best_layout"] >= 1.0 and "slow_layout" in r for r in sweep)
+    assert payload["layout"]["bound"] == _timing.LAYOUT_BOUND
+    with open(paths["csv"]) as f:
+        header = next(csv.reader(f))
+    assert {"vs_best_layout", "slow_layout"} <= set(header)
+
+
+def test_time_candidates_uses_cuda_events_on_cuda_and_round_robin_on_cpu(monkeypatch):
+    calls = []
+
+    def fake_events(fn, **kwargs):
+        calls.append(kwargs)
+        return [2.0, 1.0, 3.0]
+
+    monkeypatch.setattr(_timing, "cuda_event_times", fake_events)
+    timed = _timing.time_candidates({"a": lambda: None, "b": lambda: None}, device="cuda", repeats=4, cuda_warmup=2)
+    assert timed["a"] == {"ms": 2.0, "ms_min": 1.0, "ms_max": 3.0, "repeats": 3}
+    assert calls == [{"device": "cuda", "warmup": 2, "min_repeats": 4, "max_repeats": 16, "min_seconds": 0.3}] * 2
+    calls.clear()
+    timed = _timing.time_candidates({"a": lambda: None}, device="cpu", repeats=3)
+    assert calls == [] and timed["a"]["repeats"] == 3
+
+
+def test_dit_block_times_through_the_device_aware_helper(monkeypatch):
+    from semanticgen.benchmarks import dit_block
+
+    seen = []
+
+    def fake_time(fns, *, device, repeats, warmup, cuda_warmup):
+        seen.append((device, warmup, cuda_warmup))
+        return {name: _timing.summarize([2.0, 2.0]) for name in fns}  # the candidates are not run
+
+    monkeypatch.setattr(dit_block, "time_candidates", fake_time)
+    rows = dit_block.run(quick=True, device="cpu")
+    assert seen == [("cpu", 1, 2)] * 2 and all(r["ms"] == 1.0 for r in rows)  # two block calls per timed call
 
 
 def test_fp32_upcast_eager_matches_the_fused_ops_accuracy_and_bf16_eager_does_not(small_flow):

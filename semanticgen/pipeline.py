@@ -29,7 +29,7 @@ from semanticgen._checks import check_int, check_number, is_int, is_real
 from semanticgen.errors import UsageError
 from semanticgen.models import SemanticNorm
 from semanticgen.parallel import ContextGroup
-from semanticgen.rectified_flow import euler_sample, noise_augment
+from semanticgen.rectified_flow import Generators, euler_sample, noise_augment, randn_per_sample
 
 __all__ = ["SemanticGenPipeline"]
 
@@ -45,6 +45,26 @@ def _positive_int_shape(name: str, shape: object, length: int, layout: str, *, f
     ):
         raise ValueError(f"SemanticGenPipeline: {name} must be {length} positive ints {layout}, got {shape!r}")
     return tuple(shape)
+
+
+def seeded_generators(seed: int | Sequence[int], batch: int, device: torch.device | str) -> Generators:
+    """One ``torch.Generator`` on ``device`` seeded with ``seed``, or, for a sequence of ``batch`` seeds, one
+    generator per sample (see :func:`~semanticgen.rectified_flow.randn_per_sample`).
+
+    Raises:
+        TypeError: a seed is not an int. ValueError: a sequence whose length is not ``batch``.
+    """
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        seeds = list(seed)
+        if len(seeds) != batch:
+            raise ValueError(
+                f"SemanticGenPipeline: seed must be an int or one int per prompt ({batch}), got {len(seeds)}"
+            )
+        for s in seeds:
+            check_int("seed", s, who="SemanticGenPipeline", error=TypeError)
+        return [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    check_int("seed", seed, who="SemanticGenPipeline", error=TypeError)
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _pair(name: str, value: object) -> tuple:
@@ -223,7 +243,7 @@ class SemanticGenPipeline:
         *,
         steps: int,
         guidance: float,
-        generator: torch.Generator,
+        generator: Generators,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Stage 1: ``z_sem [B, Ts, Ss, dim]`` float32 from the text embeddings, in the compressor's space (the
@@ -253,7 +273,7 @@ class SemanticGenPipeline:
         *,
         steps: int,
         guidance: float,
-        generator: torch.Generator,
+        generator: Generators,
         on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """Stage 2: latents ``[B, C, T, H, W]`` float32 conditioned on (already noise-augmented) ``z_sem``."""
@@ -289,7 +309,7 @@ class SemanticGenPipeline:
         *,
         steps: int,
         guidance: float,
-        generator: torch.Generator,
+        generator: Generators,
         on_step: Callable[[], None] | None,
     ) -> torch.Tensor:
         """Euler-sample ``model(x, t, text, text_mask, *extra)`` from seeded noise of ``[B, *shape]``.
@@ -307,7 +327,7 @@ class SemanticGenPipeline:
 
             return fn
 
-        noise = torch.randn((cond[0].shape[0], *shape), generator=generator, device=self.device)
+        noise = randn_per_sample((cond[0].shape[0], *shape), generator, device=self.device)
         return euler_sample(
             velocity(cond),
             noise,
@@ -326,7 +346,7 @@ class SemanticGenPipeline:
         *,
         steps: int | tuple[int, int] = 20,
         guidance: float | tuple[float, float] = 1.0,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
         progress: bool = True,
         return_intermediates: bool = False,
         decode: bool = True,
@@ -338,7 +358,10 @@ class SemanticGenPipeline:
             steps: Euler steps, for both stages or ``(stage 1, stage 2)``.
             guidance: classifier-free guidance scale (1 = off), for both stages or ``(stage 1, stage 2)``.
             seed: seeds one ``torch.Generator`` on the pipeline's device that draws every noise tensor, so the
-                same seed on the same device and software gives the same video.
+                same seed on the same device and software gives the same video. A list of one seed per prompt
+                seeds one generator per video instead: video ``i`` then depends on ``seed[i]`` only, not on the
+                other prompts of the batch (``pipe(prompts, seed=[s0, s1])`` gives the videos of
+                ``pipe([p0], seed=s0)`` and ``pipe([p1], seed=s1)``, up to batched-matmul rounding).
             progress: show a progress bar over the denoising steps of both stages.
             return_intermediates: also return ``z_sem``, the augmented ``z_sem`` and the latents.
             decode: ``False`` skips the VAE (``frames`` is then ``None``): the other ranks of a context-parallel
@@ -360,10 +383,8 @@ class SemanticGenPipeline:
         for g in (sem_guidance, lat_guidance):
             if not is_real(g):
                 raise TypeError(f"SemanticGenPipeline: guidance must be floats, got {guidance!r}")
-        check_int("seed", seed, who="SemanticGenPipeline", error=TypeError)
-
         device = self.device
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = seeded_generators(seed, len(prompts), device)
         guided = float(sem_guidance) != 1.0 or float(lat_guidance) != 1.0
         cond, uncond = self.encode_prompts(prompts, guided)
 

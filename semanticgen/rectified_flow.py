@@ -26,10 +26,44 @@ __all__ = [
     "flow_matching_loss",
     "noise_augment",
     "euler_sample",
+    "randn_per_sample",
 ]
 
 TIMESTEP_KINDS = ("uniform", "logit_normal")
 Scalar = float | torch.Tensor
+Generators = torch.Generator | Sequence[torch.Generator] | None
+"""One generator for a whole batch, one per sample (each sample's noise then depends on its own generator only,
+not on the batch it is drawn in), or ``None`` for torch's global one."""
+
+
+def randn_per_sample(
+    shape: Sequence[int],
+    generator: Generators,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Standard normal noise of ``shape = [B, ...]``.
+
+    With a sequence of ``B`` generators sample ``i`` is drawn from ``generator[i]`` alone, so a sample's noise is
+    the same whether it is drawn alone or in a batch of any size (what ``torch.randn((1, ...), generator=g)``
+    draws). A single generator (or ``None``) draws the whole batch at once.
+
+    Raises:
+        ValueError: the number of generators is not ``B``. TypeError: an item is not a ``torch.Generator``.
+    """
+    shape = tuple(shape)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    generators = list(generator)
+    if not shape or len(generators) != shape[0]:
+        raise ValueError(
+            f"randn_per_sample: need one generator per sample ({shape[0] if shape else 0}), got {len(generators)}"
+        )
+    for g in generators:
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"randn_per_sample: generators must be torch.Generator, got {type(g).__name__}")
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generators])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -186,7 +220,7 @@ def flow_matching_loss(v_pred: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor
     return _flow_matching_loss(v_pred, z0, eps)
 
 
-def noise_augment(z_sem: torch.Tensor, level: Scalar, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def noise_augment(z_sem: torch.Tensor, level: Scalar, *, generator: Generators = None) -> torch.Tensor:
     """Noise-augment semantic tokens before they condition stage 2 (as RAE does for its decoder).
 
     Stage 2 trains on semantic tokens from real videos but runs on tokens that stage 1 generated; noising
@@ -198,7 +232,7 @@ def noise_augment(z_sem: torch.Tensor, level: Scalar, *, generator: torch.Genera
         z_sem: ``[B, ...]`` semantic tokens.
         level: float in ``[0, 1]``, or a tensor (0-d or ``[B]``) of such values (e.g. a random level per
             sample during training).
-        generator: RNG for ``eps`` (on ``z_sem``'s device).
+        generator: RNG for ``eps`` (on ``z_sem``'s device): one, or one per sample (:func:`randn_per_sample`).
 
     Returns:
         Tensor like ``z_sem``.
@@ -211,7 +245,7 @@ def noise_augment(z_sem: torch.Tensor, level: Scalar, *, generator: torch.Genera
             return z_sem
     else:
         level = level.to(z_sem.device)
-    eps = torch.randn(z_sem.shape, generator=generator, device=z_sem.device, dtype=z_sem.dtype)
+    eps = randn_per_sample(z_sem.shape, generator, device=z_sem.device, dtype=z_sem.dtype)
     return _flow_noising(z_sem, eps, level)[0]
 
 

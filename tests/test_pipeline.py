@@ -8,7 +8,7 @@ import torch
 from semanticgen.encoders import HashTextEncoder, PixelVAE
 from semanticgen.models import LatentGenerator, SemanticGenerator, SemanticNorm
 from semanticgen.pipeline import SemanticGenPipeline
-from semanticgen.rectified_flow import euler_sample, noise_augment
+from semanticgen.rectified_flow import euler_sample, noise_augment, randn_per_sample
 
 SEM_SHAPE = (2, 4, 4)  # Ts, Ss, dim (SemanticGenerator.Config.tiny: dim=4)
 LATENT_SHAPE = (4, 3, 4, 6)  # C, T, H, W -> 9 frames of 16x24 through PixelVAE(4, 4)
@@ -46,6 +46,42 @@ def test_output_shape_range_and_reproducibility(attention):
     other = pipe(["a red square", "a blue circle"], steps=3, guidance=2.0, seed=8, progress=False)
     assert not torch.equal(frames, other)
     assert not torch.equal(frames[0], frames[1])  # prompts (and noise) differ per sample
+
+
+def test_one_seed_per_prompt_makes_each_video_independent_of_its_batch():
+    """``seed=[s0, s1]``: each video is the one its prompt gives alone with its seed, whatever the batch."""
+    pipe = _pipeline("swin")
+    prompts = ["a red square", "a blue circle", "a green triangle"]
+    batched = pipe(prompts, steps=3, guidance=2.0, seed=[5, 9, 2], progress=False)
+    pairs = pipe(prompts[1:], steps=3, guidance=2.0, seed=[9, 2], progress=False)
+    for i, (prompt, seed) in enumerate(zip(prompts, [5, 9, 2])):
+        alone = pipe([prompt], steps=3, guidance=2.0, seed=seed, progress=False)[0]
+        torch.testing.assert_close(batched[i], alone, rtol=0, atol=1e-5)  # only batched-matmul rounding differs
+        if i:
+            torch.testing.assert_close(pairs[i - 1], alone, rtol=0, atol=1e-5)
+    # the single-int seed keeps drawing the whole batch from one generator: the second video differs
+    shared = pipe(prompts[:2], steps=3, guidance=2.0, seed=5, progress=False)
+    assert (shared[1] - pipe([prompts[1]], steps=3, guidance=2.0, seed=5, progress=False)[0]).abs().max() > 1e-3
+
+
+def test_randn_per_sample_draws_each_sample_from_its_own_generator():
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    noise = randn_per_sample((2, 3, 5), gens)
+    for i, s in enumerate((1, 2)):
+        assert torch.equal(noise[i : i + 1], torch.randn((1, 3, 5), generator=torch.Generator().manual_seed(s)))
+    one = torch.Generator().manual_seed(1)
+    assert torch.equal(
+        randn_per_sample((2, 3, 5), one), torch.randn((2, 3, 5), generator=torch.Generator().manual_seed(1))
+    )
+    with pytest.raises(ValueError, match="one generator per sample"):
+        randn_per_sample((3, 5), gens)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        randn_per_sample((2, 5), [gens[0], 3])
+    z = torch.zeros(2, 4)
+    assert torch.equal(
+        noise_augment(z, 1.0, generator=[torch.Generator().manual_seed(s) for s in (1, 2)])[1],
+        torch.randn((1, 4), generator=torch.Generator().manual_seed(2))[0],
+    )
 
 
 def test_matches_manual_two_stage_composition():
@@ -169,6 +205,8 @@ def test_rejects_incompatible_parts():
         ({"prompts": ["x"], "steps": (1, 2, 3)}, ValueError),
         ({"prompts": ["x"], "guidance": "high"}, TypeError),
         ({"prompts": ["x"], "seed": 1.5}, TypeError),
+        ({"prompts": ["x", "y"], "seed": [1]}, ValueError),
+        ({"prompts": ["x"], "seed": [True]}, TypeError),
     ],
 )
 def test_rejects_bad_call_arguments(kwargs, error):

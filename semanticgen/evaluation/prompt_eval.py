@@ -32,6 +32,7 @@ from semanticgen._checks import check_int
 from semanticgen.data import build_dataset
 from semanticgen.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SyntheticShapes
 from semanticgen.errors import UsageError
+from semanticgen.pipeline import seeded_generators
 
 from .contact_sheet import write_contact_sheet
 from .detector import Detection, detect, judge
@@ -126,6 +127,11 @@ def _batches(items: Sequence[Any], size: int) -> list[tuple[int, Sequence[Any]]]
     return [(start, items[start : start + size]) for start in range(0, len(items), size)]
 
 
+def _seeds(seed: int, start: int, batch: Sequence[Any]) -> list[int]:
+    """One seed per prompt of the batch starting at prompt ``start``: prompt ``i`` gets ``seed + i``."""
+    return [seed + start + i for i in range(len(batch))]
+
+
 @torch.no_grad()
 def evaluate_run(
     run_dir: str | Path,
@@ -142,10 +148,10 @@ def evaluate_run(
     """Judge a synthetic-data run; writes ``eval.json``, ``eval.png`` and ``eval_stage2_ceiling.png`` to ``out_dir``
     (default ``RUN/eval/``) and returns the ``eval.json`` payload.
 
-    ``steps`` and ``guidance`` default to those of ``semanticgen generate``. The batch starting at prompt ``s`` is
-    drawn from seed ``seed + s``, so the clips depend on ``batch_size`` as well as ``seed`` (the pipeline draws a
-    batch's noise from one generator). A one-stage text-to-latent run (a pipeline without a semantic generator) has
-    no stage-2 ceiling: its entries are ``None``.
+    ``steps`` and ``guidance`` default to those of ``semanticgen generate``. Prompt ``i`` (of the sampled list) is
+    drawn from its own generator seeded ``seed + i``, so its clip does not depend on ``batch_size`` (up to batched
+    matmul rounding) and ``semanticgen generate --prompt P --seed SEED+i`` draws the same noise. A one-stage
+    text-to-latent run (a pipeline without a semantic generator) has no stage-2 ceiling: its entries are ``None``.
 
     Raises:
         UsageError: a missing or unreadable run, a run not trained on the synthetic data or missing a stage, bad
@@ -178,7 +184,9 @@ def evaluate_run(
     generated = [
         clip
         for start, batch in tqdm(batches, desc="generate", unit="batch", disable=not progress)
-        for clip in pipe(list(batch), steps=steps, guidance=guidance, seed=seed + start, progress=False).float().cpu()
+        for clip in pipe(list(batch), steps=steps, guidance=guidance, seed=_seeds(seed, start, batch), progress=False)
+        .float()
+        .cpu()
     ]
     generate_seconds = time.perf_counter() - started
     clips = {
@@ -219,7 +227,8 @@ def evaluate_run(
         "timing": {
             "generate_seconds": generate_seconds,
             "seconds_per_generated_clip": generate_seconds / len(prompts),
-            "note": f"both stages, {steps} steps each, guidance {guidance:g}, batches of up to {batch_size} clips",
+            "note": f"both stages, {steps} steps each, guidance {guidance:g}, batches of up to {batch_size} clips, "
+            f"prompt i seeded {seed} + i",
         },
         "per_prompt": per_prompt,
     }
@@ -259,7 +268,7 @@ def _stage2_ceiling(
         video = torch.stack(list(sem_videos[start : start + len(batch)])).to(device)
         # The compressor's posterior mean: what stage 2 was trained on, and what the pipeline hands it from stage 1.
         z_sem = compressor.encode_mean(encoder.encode(video).to(dtype)).float()
-        generator = torch.Generator(device=device).manual_seed(seed + start)
+        generator = seeded_generators(_seeds(seed, start, batch), len(batch), device)
         z_aug = noise_augment(z_sem, pipe.noise_level, generator=generator)
         cond, uncond = pipe.encode_prompts(list(batch), guidance != 1.0)
         latents = pipe.sample_latents(cond, uncond, z_aug, steps=steps, guidance=guidance, generator=generator)

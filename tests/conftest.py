@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 from typing import NoReturn
 
 import pytest
@@ -88,11 +89,24 @@ def error_bound(plain_error: float, magnitude: float, dtype: torch.dtype) -> flo
 
 
 @pytest.fixture(params=["cpu", "cuda"])
-def device(request) -> torch.device:
-    """``cpu`` always; ``cuda`` when a GPU is present, so a GPU machine runs the same tests on its kernels."""
-    if request.param == "cuda" and not torch.cuda.is_available():
+def device(request) -> Iterator[torch.device]:
+    """``cpu`` always; ``cuda`` when a GPU is present, so a GPU machine runs the same tests on its kernels.
+
+    On ``cuda``, float32 means IEEE float32 for the test's duration: TF32 is off for cuDNN convolutions (torch
+    turns it on by default there; diffusers' Wan patch embedding is a Conv3d) and for cuBLAS matmuls, then
+    restored. TF32's 10-bit mantissa would put a ~1e-3 relative error into fp32 comparisons that hold to 1e-5.
+    """
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    if not torch.cuda.is_available():
         pytest.skip("no CUDA device: the CUDA kernels run only on a GPU")
-    return torch.device(request.param)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.fixture

@@ -1,4 +1,9 @@
-"""Models on CPU with tiny configs: shapes, KL, RoPE, windowed vs full attention, masking, gradients."""
+"""Models with tiny configs: shapes, KL, RoPE, windowed vs full attention, masking, gradients.
+
+The forward/backward tests of the generators take ``device`` (tests/conftest.py): ``cpu`` always, ``cuda`` on a GPU
+machine, where the same assertions run on the CUDA attention backends (Triton, varlen) and ``torch.compile`` uses
+inductor. Inputs and weights are drawn on the CPU and moved, so both devices see the same values.
+"""
 
 from __future__ import annotations
 
@@ -46,11 +51,21 @@ def _text(batch: int, length: int, dim: int, valid: int | None = None):
     return text, mask
 
 
-def _latent_inputs(cfg: LatentGenerator.Config, b=2, t=4, h=4, w=6, ts=2, ss=6):
+def _latent_inputs(cfg: LatentGenerator.Config, b=2, t=4, h=4, w=6, ts=2, ss=6, device="cpu"):
     x = torch.randn(b, cfg.in_channels, t, h, w)
     z_sem = torch.randn(b, ts, ss, cfg.sem_dim)
     text, mask = _text(b, 5, cfg.text_dim, valid=3)
-    return x, torch.rand(b), text, mask, z_sem
+    return _to(device, x, torch.rand(b), text, mask, z_sem)
+
+
+def _to(device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` on ``device`` (the same tensors on the CPU: ``.to`` returns them unchanged)."""
+    return tuple(t.to(device) for t in tensors)
+
+
+def _backend(device: torch.device, cpu: str | None) -> str | None:
+    """``swin_backend`` for ``device``: ``cpu`` on the CPU, ``None`` (the fastest CUDA backend) on a GPU."""
+    return cpu if device.type == "cpu" else None
 
 
 # ------------------------------------------------------------------------------------------------ compressor
@@ -179,22 +194,24 @@ def test_block_has_no_buffers_and_owns_its_parameters():
 
 
 # ------------------------------------------------------------------------------------------ semantic generator
-def test_semantic_generator_shapes_and_fresh_output_is_zero():
-    model = SemanticGenerator(SemanticGenerator.Config.tiny())
+def test_semantic_generator_shapes_and_fresh_output_is_zero(device):
+    model = SemanticGenerator(SemanticGenerator.Config.tiny()).to(device)
     x = torch.randn(2, 3, 4, model.config.dim)
     text, mask = _text(2, 5, model.config.text_dim)
-    out = model(x, torch.rand(2), text, mask)
+    x, t, text, mask = _to(device, x, torch.rand(2), text, mask)
+    out = model(x, t, text, mask)
     assert out.shape == x.shape
     assert out.abs().max() == 0  # zero-initialised output layer: the first velocity is 0
     assert isinstance(model.blocks, torch.nn.ModuleList) and len(model.blocks) == model.config.depth
 
 
-def test_semantic_generator_masked_text_is_ignored_and_empty_text_is_finite():
-    model = _randomize(SemanticGenerator(SemanticGenerator.Config.tiny()))
+def test_semantic_generator_masked_text_is_ignored_and_empty_text_is_finite(device):
+    model = _randomize(SemanticGenerator(SemanticGenerator.Config.tiny())).to(device)
     x, t = torch.randn(2, 3, 4, model.config.dim), torch.rand(2)
     text, mask = _text(2, 6, model.config.text_dim, valid=2)
     garbage = text.clone()
     garbage[:, 2:] = torch.randn_like(garbage[:, 2:]) * 100
+    x, t, text, mask, garbage = _to(device, x, t, text, mask, garbage)
     out = model(x, t, text, mask)
     torch.testing.assert_close(model(x, t, garbage, mask), out)
     empty = model(x, t, text, torch.zeros_like(mask))
@@ -202,11 +219,12 @@ def test_semantic_generator_masked_text_is_ignored_and_empty_text_is_finite():
     assert not torch.allclose(empty, out)  # the prompt matters
 
 
-def test_semantic_generator_gradients_reach_every_parameter():
-    model = _randomize(SemanticGenerator(SemanticGenerator.Config.tiny()))
-    x = torch.randn(2, 2, 4, model.config.dim, requires_grad=True)
+def test_semantic_generator_gradients_reach_every_parameter(device):
+    model = _randomize(SemanticGenerator(SemanticGenerator.Config.tiny())).to(device)
+    x = torch.randn(2, 2, 4, model.config.dim).to(device).requires_grad_(True)
     text, mask = _text(2, 3, model.config.text_dim)
-    model(x, torch.rand(2), text, mask).square().mean().backward()
+    t, text, mask = _to(device, torch.rand(2), text, mask)
+    model(x, t, text, mask).square().mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert x.grad.abs().sum() > 0
@@ -306,11 +324,11 @@ def test_semantic_norm_inverts_and_rejects_bad_statistics():
 
 
 # -------------------------------------------------------------------------------------------- latent generator
-def test_latent_generator_shapes():
+def test_latent_generator_shapes(device):
     for attention in ("full", "swin"):
         cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)
-        model = _randomize(LatentGenerator(cfg))
-        inputs = _latent_inputs(cfg)
+        model = _randomize(LatentGenerator(cfg)).to(device)
+        inputs = _latent_inputs(cfg, device=device)
         out = model(*inputs)
         assert out.shape == inputs[0].shape and torch.isfinite(out).all()
 
@@ -320,7 +338,7 @@ def test_latent_generator_shapes():
     [((1, 2, 2), 1, 4), ((1, 2, 2), 3, 8), ((2, 2, 1), 3, 8)],
     ids=["one-unshifted-layer,Tw=Tv", "3-layers,Tw=2Tv", "patch=2x2x1,3-layers,Tw=2Tv"],
 )
-def test_latent_generator_swin_equals_full_when_one_window_covers_the_clip(patch, depth, window):
+def test_latent_generator_swin_equals_full_when_one_window_covers_the_clip(patch, depth, window, device):
     t = 4
     # Unshifted windows start at frame 0: one covers the clip when Tw >= Tv. Shifted windows (odd layers) start
     # at -Tw/2, so there one window covers all Tv frames only when Tw - Tw // 2 >= Tv, e.g. Tw = 2 * Tv.
@@ -328,19 +346,21 @@ def test_latent_generator_swin_equals_full_when_one_window_covers_the_clip(patch
     full = _randomize(LatentGenerator(dataclasses.replace(base, attention="full")))
     swin = LatentGenerator(dataclasses.replace(base, attention="swin"))
     swin.load_state_dict(full.state_dict())
-    inputs = _latent_inputs(base, t=t, ts=3)
+    full, swin = full.to(device), swin.to(device)
+    inputs = _latent_inputs(base, t=t, ts=3, device=device)
     torch.testing.assert_close(swin(*inputs), full(*inputs), rtol=1e-5, atol=1e-5)
 
 
-def test_latent_generator_small_windows_restrict_attention():
+def test_latent_generator_small_windows_restrict_attention(device):
     base = dataclasses.replace(LatentGenerator.Config.tiny(), depth=2, window=2)
     full = _randomize(LatentGenerator(dataclasses.replace(base, attention="full")))
     swin = LatentGenerator(dataclasses.replace(base, attention="swin"))
     swin.load_state_dict(full.state_dict())
-    x, t, text, mask, z_sem = _latent_inputs(base, t=8, ts=4)
+    full, swin = full.to(device), swin.to(device)
+    x, t, text, mask, z_sem = _latent_inputs(base, t=8, ts=4, device=device)
     assert not torch.allclose(swin(x, t, text, mask, z_sem), full(x, t, text, mask, z_sem), atol=1e-4)
     # With one unshifted layer, a change in the last frames cannot reach frame 0 (window of 2 frames).
-    one_layer = LatentGenerator(dataclasses.replace(base, attention="swin", depth=1))
+    one_layer = LatentGenerator(dataclasses.replace(base, attention="swin", depth=1)).to(device)
     one_layer.load_state_dict({k: v for k, v in swin.state_dict().items() if not k.startswith("blocks.1.")})
     x2, z2 = x.clone(), z_sem.clone()
     x2[:, :, 4:] += 1.0
@@ -350,19 +370,22 @@ def test_latent_generator_small_windows_restrict_attention():
     assert not torch.allclose(a[:, :, 4:], b[:, :, 4:])
 
 
-def test_latent_generator_swin_cpu_backend_matches_reference_backend():
+def test_latent_generator_swin_device_backend_matches_reference_backend(device):
+    """The device's own swin backend (CPU: ``cpu``; CUDA: the fastest for fp32, Triton) against ``reference``."""
     base = dataclasses.replace(LatentGenerator.Config.tiny(), attention="swin", window=2, depth=2)
-    cpu = _randomize(LatentGenerator(dataclasses.replace(base, swin_backend="cpu")))
+    fast = _randomize(LatentGenerator(dataclasses.replace(base, swin_backend=_backend(device, "cpu"))))
     ref = LatentGenerator(dataclasses.replace(base, swin_backend="reference"))
-    ref.load_state_dict(cpu.state_dict())
-    inputs = _latent_inputs(base, t=6, ts=3)
-    torch.testing.assert_close(cpu(*inputs), ref(*inputs), rtol=1e-5, atol=1e-5)
+    ref.load_state_dict(fast.state_dict())
+    fast, ref = fast.to(device), ref.to(device)
+    inputs = _latent_inputs(base, t=6, ts=3, device=device)
+    torch.testing.assert_close(fast(*inputs), ref(*inputs), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("t, ts, window", [(6, 3, 2), (7, 2, 3), (5, 0, 4), (3, 2, 8)], ids=str)
 def test_latent_generator_blocked_order_matches_streams_order(t, ts, window, monkeypatch):
     """Swin mode runs its blocks in blocked token order; output and every parameter gradient equal the
-    streams-order path (same layout in streams order, no permutation) to fp64 rounding."""
+    streams-order path (same layout in streams order, no permutation) to fp64 rounding. CPU only: the ordering is
+    device-independent, and no CUDA swin backend but ``reference`` takes fp64."""
     base = dataclasses.replace(LatentGenerator.Config.tiny(), attention="swin", window=window, depth=3)
     model = _randomize(LatentGenerator(base)).double()
     x, t_, text, mask, z_sem = (a.double() if a.is_floating_point() else a for a in _latent_inputs(base, t=t, ts=ts))
@@ -384,10 +407,10 @@ def test_latent_generator_blocked_order_matches_streams_order(t, ts, window, mon
 
 
 @pytest.mark.parametrize("attention", ["full", "swin"])
-def test_latent_generator_gradients_reach_every_parameter(attention):
+def test_latent_generator_gradients_reach_every_parameter(attention, device):
     cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)
-    model = _randomize(LatentGenerator(cfg))
-    x, t, text, mask, z_sem = _latent_inputs(cfg)
+    model = _randomize(LatentGenerator(cfg)).to(device)
+    x, t, text, mask, z_sem = _latent_inputs(cfg, device=device)
     z_sem.requires_grad_(True)
     model(x, t, text, mask, z_sem).square().mean().backward()
     for name, p in model.named_parameters():
@@ -396,18 +419,18 @@ def test_latent_generator_gradients_reach_every_parameter(attention):
 
 
 @pytest.mark.parametrize("attention", ["full", "swin"])
-def test_latent_generator_runs_without_semantic_frames(attention):
+def test_latent_generator_runs_without_semantic_frames(attention, device):
     cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)
-    model = _randomize(LatentGenerator(cfg))
-    x, t, text, mask, _ = _latent_inputs(cfg)
-    out = model(x, t, text, mask, torch.randn(2, 0, 6, cfg.sem_dim))
+    model = _randomize(LatentGenerator(cfg)).to(device)
+    x, t, text, mask, _ = _latent_inputs(cfg, device=device)
+    out = model(x, t, text, mask, torch.randn(2, 0, 6, cfg.sem_dim, device=device))
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_latent_generator_empty_text_is_finite():
+def test_latent_generator_empty_text_is_finite(device):
     cfg = LatentGenerator.Config.tiny()
-    model = _randomize(LatentGenerator(cfg))
-    x, t, text, mask, z_sem = _latent_inputs(cfg)
+    model = _randomize(LatentGenerator(cfg)).to(device)
+    x, t, text, mask, z_sem = _latent_inputs(cfg, device=device)
     assert torch.isfinite(model(x, t, text, torch.zeros_like(mask), z_sem)).all()
 
 
@@ -463,14 +486,16 @@ def test_default_configs_build_on_meta_device():
     assert comp.mlp[-1].out_features == 16
 
 
-def test_latent_generator_torch_compile_fullgraph_swin():
-    # aot_eager: dynamo + AOTAutograd tracing (graph breaks, fake kernels, autograd) without inductor's C++ build.
-    cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention="swin", swin_backend="cpu")
-    model = _randomize(LatentGenerator(cfg))
-    inputs = _latent_inputs(cfg, b=1)
+def test_latent_generator_torch_compile_fullgraph_swin(device):
+    # CPU: aot_eager, dynamo + AOTAutograd tracing (graph breaks, fake kernels, autograd) without inductor's C++
+    # build. CUDA: inductor, with the swin op's Triton kernels (triton_op) inside the compiled graph.
+    cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention="swin", swin_backend=_backend(device, "cpu"))
+    model = _randomize(LatentGenerator(cfg)).to(device)
+    inputs = _latent_inputs(cfg, b=1, device=device)
     eager = model(*inputs)  # builds and caches the window layout of this shape outside the graph
     x = inputs[0].clone().requires_grad_(True)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(x, *inputs[1:])
+    backend = "aot_eager" if device.type == "cpu" else "inductor"
+    compiled = torch.compile(model, fullgraph=True, backend=backend)(x, *inputs[1:])
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     compiled.square().sum().backward()
     x_ref = inputs[0].clone().requires_grad_(True)
@@ -479,12 +504,12 @@ def test_latent_generator_torch_compile_fullgraph_swin():
 
 
 @pytest.mark.parametrize("attention", ["full", "swin"])
-def test_latent_generator_bfloat16_tracks_float32(attention):
+def test_latent_generator_bfloat16_tracks_float32(attention, device):
     cfg = dataclasses.replace(LatentGenerator.Config.tiny(), attention=attention)
-    model = _randomize(LatentGenerator(cfg))
-    x, t, text, mask, z_sem = _latent_inputs(cfg)
+    model = _randomize(LatentGenerator(cfg)).to(device)
+    x, t, text, mask, z_sem = _latent_inputs(cfg, device=device)
     ref = model(x, t, text, mask, z_sem)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         auto = model(x, t, text, mask, z_sem)
     model.to(torch.bfloat16)
     pure = model(x.bfloat16(), t, text.bfloat16(), mask, z_sem.bfloat16())

@@ -1,10 +1,15 @@
-"""Rectified flow: timestep sampling, noising, loss, noise augmentation and the CFG Euler sampler."""
+"""Rectified flow: timestep sampling, noising, loss, noise augmentation and the CFG Euler sampler.
+
+The noising, loss and sampler tests take ``device`` (tests/conftest.py): ``cpu`` always, ``cuda`` on a GPU machine,
+where the fused ops run their CUDA kernels against the same references. Inputs are drawn on the CPU and moved, so
+both devices see the same values. The timestep and noise-augmentation tests check seeded CPU generators: CPU only.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from conftest import error_bound
+from conftest import error_bound, require_extension
 
 from semanticgen.rectified_flow import (
     euler_sample,
@@ -18,9 +23,19 @@ from semanticgen.rectified_flow import (
 )
 
 
+@pytest.fixture
+def device(device):
+    """conftest's ``device``; on CUDA the fused ops need ``semanticgen._C`` built with its CUDA kernels (a skip
+    otherwise, or a failure under ``SEMANTICGEN_REQUIRE_EXTENSION=1``)."""
+    if device.type == "cuda":
+        require_extension(cuda=True)
+    return device
+
+
 def _plain_euler(fn, noise, steps, shift, guidance=None, uncond_fn=None):
-    """The guided Euler sampler as a plain torch loop in ``noise``'s dtype (fp64: the exact reference)."""
-    times = sampling_schedule(steps, shift=shift).to(noise.dtype)
+    """The guided Euler sampler as a plain torch loop in ``noise``'s dtype and on its device (fp64: the exact
+    reference)."""
+    times = sampling_schedule(steps, shift=shift).to(device=noise.device, dtype=noise.dtype)
     z = noise.clone()
     for i in range(steps):
         t = times[i].expand(noise.shape[0])
@@ -94,9 +109,9 @@ def test_sampling_schedule_runs_from_one_to_zero():
         sampling_schedule(0)
 
 
-def test_flow_noising_and_loss():
-    z0, eps = torch.randn(3, 2, 5), torch.randn(3, 2, 5)
-    t = torch.tensor([0.0, 0.3, 1.0])
+def test_flow_noising_and_loss(device):
+    z0, eps = torch.randn(3, 2, 5).to(device), torch.randn(3, 2, 5).to(device)
+    t = torch.tensor([0.0, 0.3, 1.0], device=device)
     zt, u = flow_noising(z0, eps, t)
     torch.testing.assert_close(zt[0], z0[0])
     torch.testing.assert_close(zt[1], 0.7 * z0[1] + 0.3 * eps[1])
@@ -131,12 +146,12 @@ def test_noise_augment_levels():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64-torch", "fp32-fused"])
 @pytest.mark.parametrize("shift", [1.0, 3.0])
 @pytest.mark.parametrize("steps", [1, 3, 10])
-def test_euler_sampler_integrates_the_straight_line_field_exactly(steps, shift, dtype):
+def test_euler_sampler_integrates_the_straight_line_field_exactly(steps, shift, dtype, device):
     # The rectified-flow field of a single data point x0: v(z, t) = (z - x0) / t. Its trajectories are straight
     # lines, so Euler lands on x0 exactly whatever the step count or time grid (up to rounding: float32 runs
     # the fused kernels, float64 plain torch).
-    x0 = torch.randn(2, 3, 4, dtype=dtype)
-    noise = torch.randn(2, 3, 4, dtype=dtype)
+    x0 = torch.randn(2, 3, 4, dtype=dtype).to(device)
+    noise = torch.randn(2, 3, 4, dtype=dtype).to(device)
     field = lambda z, t: (z - x0.to(z.dtype)) / t[:, None, None].to(z.dtype)  # noqa: E731
     out = euler_sample(field, noise, steps=steps, shift=shift, progress=False)
     if dtype == torch.float64:
@@ -148,7 +163,7 @@ def test_euler_sampler_integrates_the_straight_line_field_exactly(steps, shift, 
     # The fused step rounds once per step (an fma): it equals a loop that steps in fp64 and rounds to fp32
     # (fp64 holds dt * v exactly; rounding the sum twice differs from once only in rare ties, none here).
     z = noise.clone()
-    times = sampling_schedule(steps, shift=shift)
+    times = sampling_schedule(steps, shift=shift, device=device)
     for i in range(steps):
         v = field(z, times[i].expand(2))
         z = (z.double() + (times[i + 1] - times[i]).double() * v.double()).float()
@@ -164,10 +179,10 @@ def test_euler_sampler_integrates_the_straight_line_field_exactly(steps, shift, 
     pytest.xfail("plain torch's roundings cancel exactly on the straight-line field at steps=3, shift=1")
 
 
-def test_euler_sampler_constant_field_and_inputs():
-    noise = torch.randn(2, 5)
+def test_euler_sampler_constant_field_and_inputs(device):
+    noise = torch.randn(2, 5).to(device)
     noise_before = noise.clone()
-    v = torch.randn(2, 5)
+    v = torch.randn(2, 5).to(device)
     seen = []
 
     def velocity(z, t):
@@ -177,27 +192,28 @@ def test_euler_sampler_constant_field_and_inputs():
     out = euler_sample(velocity, noise, steps=4, progress=False)
     torch.testing.assert_close(out, noise - v)  # integrates from t=1 to t=0: z0 = z1 - v
     assert len(seen) == 4 and all(t.shape == (2,) for t in seen)
-    torch.testing.assert_close(torch.stack(seen)[:, 0], torch.tensor([1.0, 0.75, 0.5, 0.25]))
+    torch.testing.assert_close(torch.stack(seen)[:, 0], torch.tensor([1.0, 0.75, 0.5, 0.25], device=device))
     assert torch.equal(noise, noise_before)  # the caller's noise is not modified in place
 
 
-def test_cfg_with_guidance_one_equals_conditional():
-    x0 = torch.randn(3, 4)
+def test_cfg_with_guidance_one_equals_conditional(device):
+    x0 = torch.randn(3, 4).to(device)
     cond = lambda z, t: (z - x0) / t[:, None]
     uncond = lambda z, t: z * 0.3 + 1.0
-    noise = torch.randn(3, 4)
+    noise = torch.randn(3, 4).to(device)
     plain = euler_sample(cond, noise, steps=5, progress=False)
-    # A tensor guidance always runs the fused CFG step, so this exercises it with guidance 1.
+    # A tensor guidance always runs the fused CFG step, so this exercises it with guidance 1 (a CPU tensor: the
+    # sampler moves it to the noise's device once).
     guided = euler_sample(cond, noise, steps=5, guidance=torch.tensor(1.0), uncond_fn=uncond, progress=False)
     torch.testing.assert_close(guided, plain)
     per_sample = euler_sample(cond, noise, steps=5, guidance=torch.ones(3), uncond_fn=uncond, progress=False)
     torch.testing.assert_close(per_sample, plain)
 
 
-def test_cfg_guidance_combines_velocities():
-    noise = torch.randn(2, 6)
-    vc, vu = torch.randn(2, 6), torch.randn(2, 6)
-    for g in (0.0, 2.5, torch.tensor([1.0, 4.0])):
+def test_cfg_guidance_combines_velocities(device):
+    noise = torch.randn(2, 6).to(device)
+    vc, vu = torch.randn(2, 6).to(device), torch.randn(2, 6).to(device)
+    for g in (0.0, 2.5, torch.tensor([1.0, 4.0], device=device)):
         out = euler_sample(lambda z, t: vc, noise, steps=3, guidance=g, uncond_fn=lambda z, t: vu, progress=False)
         gb = g[:, None] if isinstance(g, torch.Tensor) else g
         torch.testing.assert_close(out, noise - (vu + gb * (vc - vu)))
@@ -222,8 +238,8 @@ def test_euler_sampler_progress_bar_can_be_disabled(capsys):
     assert "sampling" in capsys.readouterr().err
 
 
-def test_euler_sampler_float32_fused_path_matches_plain_torch_loop():
-    noise = torch.randn(2, 3, 8)
+def test_euler_sampler_float32_fused_path_matches_plain_torch_loop(device):
+    noise = torch.randn(2, 3, 8).to(device)
     fn = lambda z, t: torch.tanh(z) * (1 + t[:, None, None])
     un = lambda z, t: z  # returns its input: the sampler must not update it in place underneath
     out = euler_sample(fn, noise, steps=6, shift=2.0, guidance=3.0, uncond_fn=un, progress=False)
@@ -232,9 +248,9 @@ def test_euler_sampler_float32_fused_path_matches_plain_torch_loop():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_flow_matching_loss_gradient_matches_plain_torch(dtype):
-    z0, eps = torch.randn(2, 4, 6, dtype=dtype), torch.randn(2, 4, 6, dtype=dtype)
-    v = torch.randn(2, 4, 6, dtype=dtype, requires_grad=True)
+def test_flow_matching_loss_gradient_matches_plain_torch(dtype, device):
+    z0, eps = torch.randn(2, 4, 6, dtype=dtype).to(device), torch.randn(2, 4, 6, dtype=dtype).to(device)
+    v = torch.randn(2, 4, 6, dtype=dtype).to(device).requires_grad_(True)
     loss = flow_matching_loss(v, z0, eps)
     assert loss.dtype == torch.float32
     loss.backward()

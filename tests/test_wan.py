@@ -1,7 +1,13 @@
-"""Wan 2.1 weight compatibility: generators built from a tiny random diffusers ``WanTransformer3DModel``."""
+"""Wan 2.1 weight compatibility: generators built from a tiny random diffusers ``WanTransformer3DModel``.
+
+The equivalence tests against diffusers take ``device`` (tests/conftest.py): ``cpu`` always, ``cuda`` on a GPU
+machine, where both models run there (ours through the CUDA attention backends) from the same CPU-drawn weights and
+inputs. The loading, error and distributed tests are device-independent: CPU only.
+"""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import shutil
@@ -50,13 +56,23 @@ def wan_dir(tmp_path_factory):
     return path, wan
 
 
-def _inputs(wan, b=2, t=3, h=4, w=6, text_len=7, seed=1):
+def _inputs(wan, b=2, t=3, h=4, w=6, text_len=7, seed=1, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     cfg = wan.config
     x = torch.randn(b, cfg.in_channels, t, h, w, generator=g)
     time = torch.rand(b, generator=g)
     text = torch.randn(b, text_len, cfg.text_dim, generator=g)
-    return x, time, text, torch.ones(b, text_len, dtype=torch.bool)
+    return tuple(v.to(device) for v in (x, time, text, torch.ones(b, text_len, dtype=torch.bool)))
+
+
+def _on(wan: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``wan`` itself on the CPU; a copy on another device (the module-scoped fixture's model stays on the CPU)."""
+    return wan if device.type == "cpu" else copy.deepcopy(wan).to(device)
+
+
+def _backend(device: torch.device) -> str | None:
+    """The swin backend these tests pin on the CPU (``cpu``); on a GPU the fastest one for the dtype (``None``)."""
+    return "cpu" if device.type == "cpu" else None
 
 
 def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -64,12 +80,13 @@ def _max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def test_latent_generator_from_wan_equals_wan_fp32(wan_dir):
+def test_latent_generator_from_wan_equals_wan_fp32(wan_dir, device):
     path, wan = wan_dir
-    model = LatentGenerator.from_wan(path, sem_dim=8).eval()
+    wan = _on(wan, device)
+    model = LatentGenerator.from_wan(path, sem_dim=8, device=device).eval()
     assert model.config.flavor == "wan" and model.config.depth == 3 and model.config.ffn_dim == 44
-    x, t, text, mask = _inputs(wan)
-    z_sem = torch.zeros(x.shape[0], 0, 4, 8)
+    x, t, text, mask = _inputs(wan, device=device)
+    z_sem = torch.zeros(x.shape[0], 0, 4, 8, device=device)
     ours = model(x, t, text, mask, z_sem)
     ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
     assert ours.shape == ref.shape == x.shape
@@ -90,17 +107,19 @@ def _diffusers_bf16(wan: torch.nn.Module) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def test_latent_generator_from_wan_bf16_within_twice_diffusers_error(wan_dir):
+def test_latent_generator_from_wan_bf16_within_twice_diffusers_error(wan_dir, device):
     path, wan = wan_dir
-    x, t, text, mask = _inputs(wan, seed=2)
+    wan = _on(wan, device)
+    x, t, text, mask = _inputs(wan, seed=2, device=device)
     ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
-    wan_bf16 = _diffusers_bf16(tiny_wan())
+    wan_bf16 = _diffusers_bf16(tiny_wan().to(device))
     ref_bf16 = wan_bf16(
         hidden_states=x.bfloat16(), timestep=1000 * t, encoder_hidden_states=text.bfloat16(), return_dict=False
     )[0]
-    model = LatentGenerator.from_wan(path, dtype=torch.bfloat16).eval()
+    model = LatentGenerator.from_wan(path, dtype=torch.bfloat16, device=device).eval()
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
-    ours = model(x.bfloat16(), t, text.bfloat16(), mask, torch.zeros(2, 0, 4, 8, dtype=torch.bfloat16))
+    z_sem = torch.zeros(2, 0, 4, 8, dtype=torch.bfloat16, device=device)
+    ours = model(x.bfloat16(), t, text.bfloat16(), mask, z_sem)
     theirs_err, our_err = _max_rel(ref_bf16, ref), _max_rel(ours, ref)
     print(f"bf16 max relative error vs fp32 diffusers: ours {our_err:.2e}, diffusers bf16 {theirs_err:.2e}")
     assert theirs_err > 0 and our_err <= 2 * theirs_err
@@ -133,13 +152,13 @@ def test_from_wan_module_and_sharded_dir_load_the_same_tensors(wan_dir, tmp_path
 
 
 @torch.no_grad()
-def test_from_wan_semantic_frames_change_the_output_and_swin_runs(wan_dir):
+def test_from_wan_semantic_frames_change_the_output_and_swin_runs(wan_dir, device):
     path, wan = wan_dir
-    model = LatentGenerator.from_wan(path, sem_dim=8, attention="swin", window=2).eval()
-    full = LatentGenerator.from_wan(path, sem_dim=8).eval()
+    model = LatentGenerator.from_wan(path, sem_dim=8, attention="swin", window=2, device=device).eval()
+    full = LatentGenerator.from_wan(path, sem_dim=8, device=device).eval()
     full.sem_embed.load_state_dict(model.sem_embed.state_dict())
-    x, t, text, mask = _inputs(wan, t=4)
-    z_sem = torch.randn(2, 2, 3, 8)
+    x, t, text, mask = _inputs(wan, t=4, device=device)
+    z_sem = torch.randn(2, 2, 3, 8).to(device)
     out = model(x, t, text, mask, z_sem)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert not torch.allclose(out, full(x, t, text, mask, z_sem))
@@ -147,16 +166,18 @@ def test_from_wan_semantic_frames_change_the_output_and_swin_runs(wan_dir):
 
 
 @torch.no_grad()
-def test_from_wan_swin_equals_diffusers_with_swin_processors(wan_dir):
+def test_from_wan_swin_equals_diffusers_with_swin_processors(wan_dir, device):
     """Our swin mode with no semantic frames is diffusers' Wan with ``enable_swin_attention``: same windows."""
     from semanticgen.integrations.diffusers import enable_swin_attention
 
     path, wan = wan_dir
-    model = LatentGenerator.from_wan(path, attention="swin", window=2, swin_backend="cpu").eval()
-    x, t, text, mask = _inputs(wan, t=5)
-    ours = model(x, t, text, mask, torch.zeros(2, 0, 1, 8))
+    wan = _on(wan, device)
+    model = LatentGenerator.from_wan(path, attention="swin", window=2, swin_backend=_backend(device), device=device)
+    model = model.eval()
+    x, t, text, mask = _inputs(wan, t=5, device=device)
+    ours = model(x, t, text, mask, torch.zeros(2, 0, 1, 8, device=device))
     full = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
-    handle = enable_swin_attention(wan, 2, backend="cpu")
+    handle = enable_swin_attention(wan, 2, backend=_backend(device))
     try:
         ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
     finally:
@@ -177,17 +198,18 @@ def test_wan_flavour_context_parallel_one_rank_equals_forward(wan_dir):
 
 
 @torch.no_grad()
-def test_wan_flavour_attends_to_padded_text_like_wan(wan_dir):
+def test_wan_flavour_attends_to_padded_text_like_wan(wan_dir, device):
     path, wan = wan_dir
-    model = LatentGenerator.from_wan(path).eval()
-    x, t, text, _ = _inputs(wan)
-    mask = torch.zeros(2, text.shape[1], dtype=torch.bool)
+    wan = _on(wan, device)
+    model = LatentGenerator.from_wan(path, device=device).eval()
+    x, t, text, _ = _inputs(wan, device=device)
+    mask = torch.zeros(2, text.shape[1], dtype=torch.bool, device=device)
     mask[0, :3] = mask[1, :5] = True
     padded = wan_text_states(text, mask)
     assert padded.shape == (2, WAN_TEXT_LEN, text.shape[2])
     assert torch.equal(padded[0, :3], text[0, :3]) and not padded[0, 3:].any()
-    full_mask = torch.ones(2, WAN_TEXT_LEN, dtype=torch.bool)
-    ours = model(x, t, padded, full_mask, torch.zeros(2, 0, 1, 8))
+    full_mask = torch.ones(2, WAN_TEXT_LEN, dtype=torch.bool, device=device)
+    ours = model(x, t, padded, full_mask, torch.zeros(2, 0, 1, 8, device=device))
     ref = wan(hidden_states=x, timestep=1000 * t, encoder_hidden_states=padded, return_dict=False)[0]
     assert _max_rel(ours, ref) < 1e-5
 

@@ -441,7 +441,7 @@ def train_run(settings: Settings, spec: RunSpec, run_dir: Path, vae_dir: Path | 
 @contextlib.contextmanager
 def _eval_threads():
     """As ``semanticgen eval`` sets them (one thread on 2 shared CPUs, see ``configure_threads``), restored after."""
-    from semanticgen.train.distributed import configure_threads
+    from semanticgen.threads import configure_threads
 
     previous = torch.get_num_threads()
     configure_threads()

@@ -247,7 +247,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from semanticgen.evaluation import evaluate_run, summary_rows
-    from semanticgen.train.distributed import configure_threads
+    from semanticgen.threads import configure_threads
 
     configure_threads()  # as training does: 1 thread on 2 shared CPUs (a 2-thread team waits for both each step)
     payload = evaluate_run(

@@ -96,7 +96,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from semanticgen.parallel import ContextGroup
     from semanticgen.runs import build_pipeline_from_run, run_video_fps
-    from semanticgen.train.distributed import configure_threads
+    from semanticgen.threads import configure_threads
 
     # As training and eval do: on a small shared CPU a full-width OpenMP team waits for every core each op (a tiny
     # clip took 21 s with 2 threads on 2 busy CPUs, 0.4 s with 1). OMP_NUM_THREADS, when set, wins.

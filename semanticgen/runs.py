@@ -1,7 +1,8 @@
 """Read a training run directory: its trained models, its metadata and the two-stage pipeline built from them.
 
-What a user of a finished run needs (``semanticgen generate``, ``python -m semanticgen.generate``); the writing
-side (exports, checkpoints) lives in :mod:`semanticgen.train`, which this module reads through.
+What a user of a finished run needs (``semanticgen generate``, ``python -m semanticgen.generate``, ``semanticgen
+eval``). It reads through :mod:`semanticgen.exports` (the export format) and :mod:`semanticgen.checkpoint_layout`
+(finding complete checkpoints), and imports nothing from :mod:`semanticgen.train`, which writes them.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from semanticgen.checkpoint_layout import latest_checkpoint
 from semanticgen.errors import UsageError
+from semanticgen.exports import collect_run_weights, models_from_meta, read_export, read_export_meta
 from semanticgen.models import SemanticNorm
-from semanticgen.train.export import collect_run_weights, models_from_meta, read_export, read_export_meta
 
 
 def load_run_models(run_dir: str | Path) -> tuple[dict[str, nn.Module], dict[str, Any]]:
@@ -104,8 +106,6 @@ def run_video_fps(run_dir: str | Path) -> float:
 
 def run_meta(run_dir: str | Path) -> dict[str, Any]:
     """Metadata (config, model configs, shapes) of a run directory or export file, without loading weights."""
-    from semanticgen.train.checkpoint import latest_checkpoint
-
     path = Path(run_dir)
     for candidate in (path, path / "model.safetensors", path / "semantic.safetensors", path / "latent.safetensors"):
         if candidate.is_file():

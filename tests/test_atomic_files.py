@@ -64,8 +64,8 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_tmp(tmp_path, monk
 def test_every_writer_of_the_package_gives_the_umask_mode(tmp_path, umask_022):
     from semanticgen.data.shards import ShardWriter
     from semanticgen.encoders.learned_vae import LearnedVideoAE
+    from semanticgen.exports import write_safetensors
     from semanticgen.generate import save_latents
-    from semanticgen.train.export import write_safetensors
 
     shards = ShardWriter(tmp_path / "shards", shard_size=1)
     shards.add(

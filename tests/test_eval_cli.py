@@ -13,7 +13,7 @@ from _train_helpers import run_train
 
 from semanticgen.cli import main
 from semanticgen.evaluation import VOCABULARY, sample_prompts
-from semanticgen.train.export import read_export, write_safetensors
+from semanticgen.exports import read_export, write_safetensors
 
 KINDS = ("generated", "stage2_ceiling", "detector_real", "detector_vae_roundtrip")
 ASPECTS = ("colour", "shape", "direction", "all")

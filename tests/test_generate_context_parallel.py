@@ -13,8 +13,8 @@ from _train_helpers import REPO, child_env
 from safetensors import safe_open
 
 from semanticgen.data import Encoders
+from semanticgen.exports import model_configs, write_safetensors
 from semanticgen.train.config import load_config
-from semanticgen.train.export import model_configs, write_safetensors
 from semanticgen.train.stages import DataWidths, build_models
 
 pytestmark = [pytest.mark.distributed]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from semanticgen.train.checkpoint import MARKER, latest_checkpoint, list_checkpoints, resolve_checkpoint, step_dir_name
+from semanticgen.checkpoint_layout import MARKER, latest_checkpoint, list_checkpoints, resolve_checkpoint, step_dir_name
 
 
 def _make(root, name, marker=True, meta=None):

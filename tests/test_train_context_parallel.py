@@ -18,9 +18,9 @@ import pytest
 import torch
 from _train_helpers import REPO, child_env, metrics, run_train, torchrun_cmd
 
+from semanticgen.exports import read_export
 from semanticgen.ops import WindowLayout
 from semanticgen.parallel import ContextPlan
-from semanticgen.train.export import read_export
 from semanticgen.train.stages import DataWidths
 
 pytestmark = [pytest.mark.distributed]

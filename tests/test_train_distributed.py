@@ -22,7 +22,7 @@ from _train_helpers import (
     torchrun_cmd,
 )
 
-from semanticgen.train.checkpoint import list_checkpoints
+from semanticgen.checkpoint_layout import list_checkpoints
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -173,7 +173,7 @@ def test_export_from_two_rank_checkpoint_equals_stage_export(straight_run, tmp_p
     process; the weights must be exactly those the training run exported itself."""
     import shutil
 
-    from semanticgen.train.export import export_run, read_export
+    from semanticgen.exports import export_run, read_export
 
     run_copy = tmp_path / "run"
     shutil.copytree(straight_run, run_copy)
@@ -191,8 +191,8 @@ def test_export_from_two_rank_checkpoint_equals_stage_export(straight_run, tmp_p
 
 
 def test_pipeline_from_run_generates_video(straight_run):
+    from semanticgen.exports import read_export
     from semanticgen.runs import build_pipeline_from_run, load_run_models, run_video_fps
-    from semanticgen.train.export import read_export
 
     pipe = build_pipeline_from_run(straight_run, device="cpu")
     frames = pipe(["a red square moving right"], steps=2, guidance=2.0, seed=0, progress=False)
@@ -225,10 +225,10 @@ def test_semantic_norm_round_trips_through_the_run(straight_run):
     checkpoints and exports, and handed to the pipeline unchanged."""
     from semanticgen.data import build_dataset
     from semanticgen.encoders import build_semantic_encoder
+    from semanticgen.exports import read_export_meta
     from semanticgen.models import SemanticNorm
     from semanticgen.runs import build_pipeline_from_run, load_run_models
     from semanticgen.train.config import config_from_dict
-    from semanticgen.train.export import read_export_meta
 
     metas = [read_export_meta(straight_run / n) for n in ("semantic.safetensors", "model.safetensors")]
     metas += [c.meta for c in list_checkpoints(straight_run / "checkpoints")]

@@ -520,7 +520,7 @@ def test_training_init_from_wan_two_ranks(tmp_path):
     take Wan's architecture and weights; at lr = 0 the exported generators after 2 steps per stage are Wan's."""
     from _train_helpers import run_train
 
-    from semanticgen.train.export import read_export
+    from semanticgen.exports import read_export
 
     wan_path = tmp_path / "wan"
     tiny_wan(seed=3, in_channels=4, out_channels=4, text_dim=32).save_pretrained(wan_path)  # tiny.toml's widths
@@ -601,7 +601,7 @@ def test_wan_recipe_config_trains_two_steps_on_two_ranks(tmp_path):
     pytest.importorskip("torchvision", reason="transformers' Qwen2-VL video processor needs torchvision")
     from _train_helpers import REPO, metrics, run_train
 
-    from semanticgen.train.export import read_export
+    from semanticgen.exports import read_export
 
     paths = _recipe_stand_ins(tmp_path)
     run_dir = tmp_path / "run"

@@ -1,24 +1,19 @@
-"""Atomic, reshardable checkpoints with ``torch.distributed.checkpoint`` (DCP).
+"""Atomic, reshardable checkpoints with ``torch.distributed.checkpoint`` (DCP): saving and loading.
 
-Layout of a run directory::
-
-    RUN_DIR/checkpoints/step_0000100/   complete checkpoint (DCP shards + .metadata + COMPLETE)
-    RUN_DIR/checkpoints/.tmp-step_0000200/   being written; never loaded
-
-Every rank writes its shards into ``.tmp-step_N``; after a barrier rank 0 writes ``COMPLETE`` (JSON: step, stage,
-loader position, config) and renames the directory to ``step_N``. A rename within one filesystem is atomic, so a
-crash at any moment leaves either no ``step_N`` or a complete one; loaders consider only ``step_*`` directories that
-hold the marker. Model and optimizer states go through ``get_state_dict``/``set_state_dict``, which store
-fully-qualified, unsharded names, so a checkpoint written by 2 ranks loads on 1 (or 8) ranks.
+The directory layout, and finding the complete checkpoints of a run, live in :mod:`semanticgen.checkpoint_layout`
+(reading a run needs no training code). Every rank writes its shards into ``.tmp-step_N``; after a barrier rank 0
+writes ``COMPLETE`` (JSON: step, stage, loader position, config) and renames the directory to ``step_N``. A rename
+within one filesystem is atomic, so a crash at any moment leaves either no ``step_N`` or a complete one; loaders
+consider only ``step_*`` directories that hold the marker. Model and optimizer states go through
+``get_state_dict``/``set_state_dict``, which store fully-qualified, unsharded names, so a checkpoint written by 2
+ranks loads on 1 (or 8) ranks.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,68 +24,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
+from semanticgen.checkpoint_layout import MARKER, list_checkpoints, read_checkpoint_meta, step_dir_name
+
 from .distributed import barrier, broadcast_object
-
-MARKER = "COMPLETE"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:07d}"
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    path: Path
-    step: int
-    meta: dict[str, Any]
-
-
-def read_checkpoint_meta(path: str | Path) -> dict[str, Any] | None:
-    """The ``COMPLETE`` marker's JSON, or ``None`` if ``path`` is not a complete checkpoint."""
-    marker = Path(path) / MARKER
-    if not marker.is_file():
-        return None
-    try:
-        return json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def list_checkpoints(ckpt_root: str | Path) -> list[CheckpointInfo]:
-    """Complete checkpoints under ``ckpt_root``, oldest first. ``.tmp-*`` and marker-less directories are ignored."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if not m or not child.is_dir():
-            continue
-        meta = read_checkpoint_meta(child)
-        if meta is None:
-            continue
-        found.append(CheckpointInfo(child, int(m.group(1)), meta))
-    return sorted(found, key=lambda c: c.step)
-
-
-def latest_checkpoint(ckpt_root: str | Path) -> CheckpointInfo | None:
-    ckpts = list_checkpoints(ckpt_root)
-    return ckpts[-1] if ckpts else None
-
-
-def resolve_checkpoint(path: str | Path) -> CheckpointInfo:
-    """A complete checkpoint from a checkpoint directory, a ``checkpoints/`` directory or a run directory."""
-    path = Path(path)
-    meta = read_checkpoint_meta(path)
-    if meta is not None:
-        m = _STEP_DIR.match(path.name)
-        return CheckpointInfo(path, int(m.group(1)) if m else int(meta["step"]), meta)
-    for root in (path, path / "checkpoints"):
-        found = latest_checkpoint(root)
-        if found is not None:
-            return found
-    raise FileNotFoundError(f"no complete checkpoint at {path} (looked for step_*/{MARKER})")
 
 
 class RNGState(Stateful):

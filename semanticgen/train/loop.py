@@ -18,32 +18,26 @@ from typing import Any
 import torch
 from torch import nn
 
+from semanticgen.checkpoint_layout import CheckpointInfo, list_checkpoints, resolve_checkpoint
 from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
+from semanticgen.exports import (
+    STAGE_MODULES,
+    export_run,
+    model_configs,
+    read_export,
+    read_export_meta,
+    write_safetensors,
+)
 from semanticgen.models import SemanticCompressor, SemanticNorm
 from semanticgen.models.wan import load_wan
 from semanticgen.ops import WindowLayout
 from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
 
 from .autoencoder import VAE_FILE, run_encoders, train_run_autoencoder
-from .checkpoint import (
-    CheckpointInfo,
-    TrainState,
-    list_checkpoints,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, init_distributed, join_process_group
-from .export import (
-    STAGE_MODULES,
-    export_run,
-    full_state_dict,
-    model_configs,
-    read_export,
-    read_export_meta,
-    write_safetensors,
-)
+from .export import full_state_dict
 from .metrics import MetricsWriter, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .semantic_norm import measure_semantic_norm

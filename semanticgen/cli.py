@@ -12,11 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from semanticgen.errors import UsageError
-
-EXIT_USAGE = 2
-# The CLI's own name for a user mistake; anything else raised by a command is a bug and keeps its traceback.
-UserError = UsageError
+from semanticgen.errors import UsageError, run_command
 
 
 def _console():
@@ -140,9 +136,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available on this machine")
+            raise UsageError("--device cuda: no CUDA device is available on this machine")
     elif device != "cpu":
-        raise UserError(f"--device must be 'cpu' or 'cuda', got {device!r}")
+        raise UsageError(f"--device must be 'cpu' or 'cuda', got {device!r}")
     suites = args.suite or list(bench.DEFAULT_SUITES)  # opt-in suites (the convergence study) only when named
     console = _console()
     console.print(f"semanticgen bench on [bold]{device}[/bold] ({'quick' if args.quick else 'full'} run)")
@@ -235,7 +231,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     run_dir = Path(args.checkpoint)
     if not run_dir.exists():
-        raise UserError(f"--checkpoint: no such run directory or file: {run_dir}")
+        raise UsageError(f"--checkpoint: no such run directory or file: {run_dir}")
     # Under torchrun the ranks split stage 2 (context parallelism); see python -m semanticgen.generate.
     from semanticgen.generate import generate
 
@@ -285,7 +281,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if _cuda_available() else "cpu")
     reason = selftest.device_unavailable(device)
     if reason is not None:
-        raise UserError(reason)
+        raise UsageError(reason)
     console = _console()
     name = selftest.device_name(device)
     console.print(f"semanticgen selftest on [bold]{name}[/bold] ({'quick' if args.quick else 'full'} run)")
@@ -452,10 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
-    except UsageError as exc:
-        print(f"semanticgen {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        # A user mistake (UsageError) is one line and exit 2; anything else is a bug and keeps its traceback.
+        return run_command(f"semanticgen {args.command}", lambda: args.func(args))
     except KeyboardInterrupt:
         print("semanticgen: interrupted", file=sys.stderr)
         return 130

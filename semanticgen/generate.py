@@ -22,9 +22,7 @@ import sys
 from pathlib import Path
 
 from semanticgen._files import save_safetensors_atomic
-from semanticgen.errors import UsageError
-
-EXIT_USAGE = 2
+from semanticgen.errors import UsageError, run_command
 
 
 def _positive_int(text: str) -> int:
@@ -156,14 +154,8 @@ def generate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    try:
-        return generate(args)
-    except UsageError as exc:
-        # The same mistake on every rank: rank 0 names it in one line.
-        if rank == 0:
-            print(f"semanticgen generate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    # The same mistake on every rank: rank 0 names it in one line.
+    return run_command("semanticgen generate", lambda: generate(args), report=int(os.environ.get("RANK", "0")) == 0)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,31 @@ def test_generate_from_a_file_that_is_not_an_export_is_one_line(tmp_path):
     assert "not a safetensors export" in proc.stderr
 
 
+@pytest.mark.parametrize("kind", ["empty-run-dir", "latents-file"])
+def test_generate_from_a_run_without_models_is_one_line(tmp_path, kind):
+    """An empty run directory, or a semanticgen file that is no export (``--latents-out``'s), used to end in a
+    FileNotFoundError or ValueError traceback."""
+    if kind == "empty-run-dir":
+        checkpoint, needle = tmp_path, "no complete checkpoint"
+    else:
+        import torch
+
+        from semanticgen._files import save_safetensors_atomic
+
+        checkpoint = save_safetensors_atomic({"latents": torch.zeros(2)}, tmp_path / "l.safetensors", {"seed": 0})
+        needle = "no 'model_configs'"
+    proc = _run_cli("generate", "--checkpoint", str(checkpoint), "--prompt", "x", "--out", str(tmp_path / "x.mp4"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert needle in proc.stderr and proc.stderr.startswith("semanticgen generate: error: ")
+
+
+def test_train_export_through_the_cli_is_one_line(tmp_path, capsys):
+    assert main(["train", "export", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m semanticgen.train export: error: ") and "no such directory" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_plan_context_parallel_json_and_refusal(capsys):
     args = ["plan", "--seconds", "60", "--height", "480", "--width", "832"]
     assert main([*args, "--context-parallel", "8", "--json"]) == 0

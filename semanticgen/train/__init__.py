@@ -18,6 +18,9 @@ import argparse
 import logging
 import os
 
+from semanticgen._checks import check_int
+from semanticgen.errors import UsageError, run_command
+
 __all__ = ["main", "build_parser"]
 
 
@@ -71,21 +74,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s"
     )
-    from .config import UsageError
-
-    try:
-        return _train(args)
-    except UsageError as e:
-        # Configuration, launch and run-directory mistakes: one line naming the problem, not a traceback from every
-        # rank. They are the same on every rank (config, data shapes, world size), so rank 0 alone says it.
-        if rank == 0:
-            print(f"semanticgen.train: error: {e}", file=sys.stderr)
-        return 2
+    # Configuration, launch and run-directory mistakes (UsageError): one line naming the problem, not a traceback
+    # from every rank. They are the same on every rank (config, data shapes, world size), so rank 0 alone says it.
+    return run_command("semanticgen.train", lambda: _train(args), report=rank == 0)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import UsageError, load_config
+    from .config import load_config
 
+    # The flags' own checks first, so an error names the flag rather than the config key it sets.
+    for flag, value, minimum in (
+        ("--steps", args.steps, 0),
+        ("--save-every", args.save_every, 1),
+        ("--context-parallel", args.context_parallel, 1),
+    ):
+        if value is not None:
+            check_int(flag, value, minimum=minimum, error=UsageError)
     overrides = list(args.set)
     if args.save_every is not None:
         overrides.append(f"checkpoint.save_every={args.save_every}")
@@ -93,14 +97,9 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("log.progress=false")
     if args.context_parallel is not None:
         overrides.append(f"parallel.context_parallel={args.context_parallel}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from e
+    cfg = load_config(args.config, overrides)  # a UsageError naming the file or the --set at fault
     if args.run_dir is not None:
         cfg.run_dir = args.run_dir
-    if args.steps is not None and args.steps < 0:
-        raise UsageError(f"--steps must be >= 0, got {args.steps}")
 
     from .distributed import shutdown_distributed
     from .loop import train

@@ -28,6 +28,7 @@ from torch import nn
 from semanticgen.data import Encoders, MicroBatchStream
 from semanticgen.encoders import build_semantic_encoder, build_text_encoder, build_vae
 from semanticgen.encoders.learned_vae import VAE_FILE, LearnedVAEConfig, LearnedVideoAE, run_vae_spec
+from semanticgen.errors import UsageError
 
 from .config import AutoencoderConfig, OptimConfig, TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier
@@ -62,7 +63,7 @@ def untrained_vae(vae_spec: Mapping[str, Any]) -> LearnedVideoAE:
     allowed = [f.name for f in dataclasses.fields(LearnedVAEConfig)]
     unknown = sorted(set(keys) - set(allowed))
     if unknown:
-        raise ValueError(f"build_vae: unknown key(s) {unknown} for kind 'learned'; allowed keys: {['path', *allowed]}")
+        raise UsageError(f"build_vae: unknown key(s) {unknown} for kind 'learned'; allowed keys: {['path', *allowed]}")
     return LearnedVideoAE(LearnedVAEConfig(**keys))
 
 
@@ -80,7 +81,7 @@ def run_encoders(specs: Mapping[str, Mapping[str, Any]], run_dir: str | Path) ->
         return Encoders.from_specs(resolved), False
     missing = [k for k in ("semantic", "text") if k not in specs]
     if missing:
-        raise ValueError(
+        raise UsageError(
             f"encoders: missing table(s) {missing}; expected [encoders.vae], [encoders.semantic], [encoders.text]"
         )
     stand_in = untrained_vae(vae_spec)

@@ -1,8 +1,12 @@
 """Typed training configuration loaded from TOML or YAML.
 
 A config file maps onto :class:`TrainConfig`; every table is a dataclass and every unknown key is an error that names
-the key (``ValueError: unknown config key 'optim.lrr'``). Command-line overrides ``--set key=value`` use dotted keys
+the key (``UsageError: unknown config key 'optim.lrr'``). Command-line overrides ``--set key=value`` use dotted keys
 and TOML value syntax (``--set optim.lr=3e-4 --set stage='"latent"'``; bare words are taken as strings).
+
+Every mistake in a config is a :class:`~semanticgen.errors.UsageError` (a ``ValueError``), which the command lines
+print as one line. :func:`load_config` names where the mistake is: the file (``configs/x.toml: config key 'seed'
+must be an integer, got 'x'``) or the override that made it (``--set seed=x: ...``).
 
 Model tables (``[model.latent_generator]`` etc.) are passed as keyword arguments to that model's nested ``Config``
 dataclass, and encoder tables (``[encoders.vae]`` etc.) to ``semanticgen.encoders.build_*``; both are checked by
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from semanticgen._checks import is_int, is_real
+from semanticgen.errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,10 +32,6 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 STAGES = ("latent", "semantic", "both")
-
-
-class UsageError(ValueError):
-    """A mistake in the config, the command line or the run directory (reported without a traceback)."""
 
 
 @dataclass
@@ -165,75 +166,75 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first setting that cannot work."""
+        """Raise :class:`~semanticgen.errors.UsageError` naming the first setting that cannot work."""
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+            raise UsageError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.data.kind not in ("synthetic", "video_folder", "shards"):
-            raise ValueError(f"data.kind must be 'synthetic', 'video_folder' or 'shards', got {self.data.kind!r}")
+            raise UsageError(f"data.kind must be 'synthetic', 'video_folder' or 'shards', got {self.data.kind!r}")
         if self.data.kind != "synthetic" and not self.data.path:
-            raise ValueError(f"data.path is required for data.kind={self.data.kind!r}")
+            raise UsageError(f"data.path is required for data.kind={self.data.kind!r}")
         if self.data.micro_batch_size < 1:
-            raise ValueError(f"data.micro_batch_size must be >= 1, got {self.data.micro_batch_size}")
+            raise UsageError(f"data.micro_batch_size must be >= 1, got {self.data.micro_batch_size}")
         if self.parallel.mixed_precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(
+            raise UsageError(
                 f"parallel.mixed_precision must be 'auto', 'bf16' or 'fp32', got {self.parallel.mixed_precision!r}"
             )
         if self.parallel.context_parallel < 1:
-            raise ValueError(f"parallel.context_parallel must be >= 1, got {self.parallel.context_parallel}")
+            raise UsageError(f"parallel.context_parallel must be >= 1, got {self.parallel.context_parallel}")
         if self.parallel.context_parallel > 1:
             attention = self.model.get("latent_generator", {}).get("attention", "full")
             if attention != "swin":
-                raise ValueError(
+                raise UsageError(
                     f"parallel.context_parallel = {self.parallel.context_parallel} needs "
                     f"model.latent_generator.attention = 'swin' (windows split the clip over ranks), got {attention!r}"
                 )
             if not self.latent.semantic_tokens:
-                raise ValueError(
+                raise UsageError(
                     "latent.semantic_tokens = false (the text-to-latent baseline) has no context parallelism: set "
                     "parallel.context_parallel = 1"
                 )
             if "latent" not in self.stage_list():
-                raise ValueError(
+                raise UsageError(
                     f"parallel.context_parallel = {self.parallel.context_parallel} applies to the latent stage only; "
                     f"stage = {self.stage!r} trains the semantic stage, which is data parallel over the whole world: "
                     "set context_parallel = 1"
                 )
         if not self.latent.semantic_tokens and self.stage != "latent":
-            raise ValueError(
+            raise UsageError(
                 "latent.semantic_tokens = false trains the one-stage text-to-latent baseline, which has no semantic "
                 f"stage: set stage = 'latent' (got {self.stage!r})"
             )
         for name in ("latent", "semantic"):
             stage: StageConfig = getattr(self, name)
             if stage.steps < 0:
-                raise ValueError(f"{name}.steps must be >= 0, got {stage.steps}")
+                raise UsageError(f"{name}.steps must be >= 0, got {stage.steps}")
             if stage.optim.grad_accum < 1:
-                raise ValueError(f"{name}.optim.grad_accum must be >= 1, got {stage.optim.grad_accum}")
+                raise UsageError(f"{name}.optim.grad_accum must be >= 1, got {stage.optim.grad_accum}")
             if stage.optim.schedule not in ("cosine", "constant"):
-                raise ValueError(f"{name}.optim.schedule must be 'cosine' or 'constant', got {stage.optim.schedule!r}")
+                raise UsageError(f"{name}.optim.schedule must be 'cosine' or 'constant', got {stage.optim.schedule!r}")
             if stage.norm_clips < 1:
-                raise ValueError(f"{name}.norm_clips must be >= 1, got {stage.norm_clips}")
+                raise UsageError(f"{name}.norm_clips must be >= 1, got {stage.norm_clips}")
             if not 0.0 <= stage.text_dropout < 1.0:
-                raise ValueError(f"{name}.text_dropout must be in [0, 1), got {stage.text_dropout}")
+                raise UsageError(f"{name}.text_dropout must be in [0, 1), got {stage.text_dropout}")
         ae = self.autoencoder
         for name in ("steps", "batch", "stats_clips"):
             if getattr(ae, name) < 1:
-                raise ValueError(f"autoencoder.{name} must be >= 1, got {getattr(ae, name)}")
+                raise UsageError(f"autoencoder.{name} must be >= 1, got {getattr(ae, name)}")
         if not ae.lr > 0:
-            raise ValueError(f"autoencoder.lr must be > 0, got {ae.lr}")
+            raise UsageError(f"autoencoder.lr must be > 0, got {ae.lr}")
         for name in ("warmup_steps", "latent_noise", "residual_weight"):
             if getattr(ae, name) < 0:
-                raise ValueError(f"autoencoder.{name} must be >= 0, got {getattr(ae, name)}")
+                raise UsageError(f"autoencoder.{name} must be >= 0, got {getattr(ae, name)}")
         if self.checkpoint.keep_last < 1:
-            raise ValueError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
+            raise UsageError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if self.checkpoint.save_every < 1:
-            raise ValueError(f"checkpoint.save_every must be >= 1, got {self.checkpoint.save_every}")
+            raise UsageError(f"checkpoint.save_every must be >= 1, got {self.checkpoint.save_every}")
         unknown = set(self.model) - {"latent_generator", "semantic_generator", "compressor"}
         if unknown:
-            raise ValueError(f"unknown config key 'model.{sorted(unknown)[0]}'")
+            raise UsageError(f"unknown config key 'model.{sorted(unknown)[0]}'")
         unknown = set(self.encoders) - {"vae", "semantic", "text"}
         if unknown:
-            raise ValueError(f"unknown config key 'encoders.{sorted(unknown)[0]}'")
+            raise UsageError(f"unknown config key 'encoders.{sorted(unknown)[0]}'")
 
     def stage_list(self) -> list[str]:
         """The stages this run trains, in order."""
@@ -248,32 +249,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ValueError(f"config key '{key}' must be a table, got {type(value).__name__}")
+            raise UsageError(f"config key '{key}' must be a table, got {type(value).__name__}")
         return _from_dict(tp, value, key + ".")
     if tp is float:
         if not is_real(value):
-            raise ValueError(f"config key '{key}' must be a number, got {value!r}")
+            raise UsageError(f"config key '{key}' must be a number, got {value!r}")
         return float(value)
     if tp is int:
         if not is_int(value):
-            raise ValueError(f"config key '{key}' must be an integer, got {value!r}")
+            raise UsageError(f"config key '{key}' must be an integer, got {value!r}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"config key '{key}' must be true or false, got {value!r}")
+            raise UsageError(f"config key '{key}' must be true or false, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"config key '{key}' must be a string, got {value!r}")
+            raise UsageError(f"config key '{key}' must be a string, got {value!r}")
         return value
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
+            raise UsageError(f"config key '{key}' must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"config key '{key}' must be a table, got {type(value).__name__}")
+            raise UsageError(f"config key '{key}' must be a table, got {type(value).__name__}")
         return copy.deepcopy(value)
     return value
 
@@ -283,7 +284,7 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
-            raise ValueError(
+            raise UsageError(
                 f"unknown config key '{prefix}{key}' (known keys of [{prefix.rstrip('.') or 'top level'}]: "
                 f"{', '.join(sorted(names))})"
             )
@@ -293,11 +294,11 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"optim.lr=3e-4"`` -> ``(["optim", "lr"], 3e-4)``; the value uses TOML syntax, a bare word is a string."""
     if "=" not in text:
-        raise ValueError(f"--set expects key=value, got {text!r}")
+        raise UsageError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
-        raise ValueError(f"--set expects a dotted key before '=', got {text!r}")
+        raise UsageError(f"--set expects a dotted key before '=', got {text!r}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -314,7 +315,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ValueError(f"--set {text!r}: '{part}' is not a table")
+                raise UsageError(f"--set {text!r}: '{part}' is not a table")
             node = child
         node[path[-1]] = value
     return data
@@ -324,13 +325,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """Raw dict from a ``.toml``, ``.yaml`` or ``.yml`` file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise UsageError(f"config file not found: {path}")
     if path.suffix == ".toml":
         with path.open("rb") as f:
             try:
                 return tomllib.load(f)
             except tomllib.TOMLDecodeError as exc:  # the parser's message names the line, not the file
-                raise ValueError(f"{path}: not valid TOML: {exc}") from None
+                raise UsageError(f"{path}: not valid TOML: {exc}") from None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -338,11 +339,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as exc:
-                raise ValueError(f"{path}: not valid YAML: {exc}") from None
+                raise UsageError(f"{path}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+            raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return data
-    raise ValueError(f"config file must end in .toml, .yaml or .yml, got {path.name!r}")
+    raise UsageError(f"config file must end in .toml, .yaml or .yml, got {path.name!r}")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -353,5 +354,29 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
-    """Read ``path`` (TOML or YAML), apply ``--set`` overrides, check and return the config."""
-    return config_from_dict(apply_overrides(read_config_file(path), overrides or []))
+    """Read ``path`` (TOML or YAML), apply ``--set`` overrides, check and return the config.
+
+    Raises:
+        UsageError: the file is missing or unreadable, or the config cannot work. The message starts with where the
+            mistake is: ``path`` when the file alone has it, else ``--set key=value`` for the first override after
+            which the config has it (an override can also repair the file, or clash with it).
+    """
+    raw = read_config_file(path)  # its errors name the file already
+    sources: list[tuple[str, dict[str, Any]]] = [(str(path), raw)]
+    for text in overrides or []:
+        sources.append((f"--set {text}", apply_overrides(sources[-1][1], [text])))  # its errors name the --set
+    try:
+        return config_from_dict(sources[-1][1])
+    except UsageError as exc:
+        error = str(exc)
+    source = next(name for name, data in sources if _config_error(data) == error)  # the last one at the latest
+    raise UsageError(f"{source}: {error}")
+
+
+def _config_error(data: dict[str, Any]) -> str | None:
+    """The message of the :class:`UsageError` that building a config from ``data`` raises, or ``None``."""
+    try:
+        config_from_dict(data)
+    except UsageError as exc:
+        return str(exc)
+    return None

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from semanticgen._checks import check_int
+from semanticgen.errors import UsageError
 from semanticgen.threads import configure_threads
 
 
@@ -80,8 +81,6 @@ def init_distributed(context_parallel: int = 1) -> DistInfo:
     Raises:
         UsageError: ``context_parallel`` does not divide the world size.
     """
-    from .config import UsageError
-
     check_int("parallel.context_parallel", context_parallel, minimum=1, error=UsageError)
     use_cuda = torch.cuda.is_available()
     join_process_group()

@@ -7,12 +7,14 @@ trained; the format, and reading it, live in :mod:`semanticgen.exports`, which n
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from semanticgen.errors import run_command
 from semanticgen.exports import export_run
 
 
@@ -37,8 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m semanticgen.train export``."""
-    args = build_parser().parse_args(argv)
-    path = export_run(args.run_dir, args.out)
+    """Entry point of ``python -m semanticgen.train export``; a user mistake (a run directory that is not one)
+    is one ``error:`` line and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(parser.prog, lambda: _export(args.run_dir, args.out))
+
+
+def _export(run_dir: str, out: str | None) -> int:
+    path: Path = export_run(run_dir, out)
     print(f"wrote {path}")
     return 0

@@ -20,6 +20,7 @@ from torch import nn
 
 from semanticgen.checkpoint_layout import CheckpointInfo, list_checkpoints, resolve_checkpoint
 from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
+from semanticgen.errors import UsageError
 from semanticgen.exports import (
     STAGE_MODULES,
     export_run,
@@ -35,7 +36,7 @@ from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
 
 from .autoencoder import VAE_FILE, run_encoders, train_run_autoencoder
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .config import TrainConfig, UsageError
+from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, init_distributed, join_process_group
 from .export import full_state_dict
 from .metrics import MetricsWriter, Progress, peak_memory_mb

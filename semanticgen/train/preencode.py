@@ -18,12 +18,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from semanticgen._checks import check_int
 from semanticgen.data import build_dataset
 from semanticgen.data.encode import Encoders
 from semanticgen.data.loader import collate
 from semanticgen.data.shards import ShardWriter
+from semanticgen.errors import UsageError, run_command
 
-from .config import load_config
+from .config import TrainConfig, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,11 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m semanticgen.train preencode``; a user mistake (a config that cannot work, a
+    config that is already shards) is one ``error:`` line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    cfg = load_config(args.config, args.set)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(parser.prog, lambda: preencode(load_config(args.config, args.set), args))
+
+
+def preencode(cfg: TrainConfig, args: argparse.Namespace) -> int:
+    """Encode every clip of ``cfg.data`` with ``cfg.encoders`` into shards under ``args.out``."""
+    check_int("--shard-size", args.shard_size, minimum=1, error=UsageError)
+    check_int("--batch-size", args.batch_size, minimum=1, error=UsageError)
+    check_int("--num-workers", args.num_workers, minimum=0, error=UsageError)
     if cfg.data.kind == "shards":
-        raise ValueError("preencode: data.kind is already 'shards'; point the config at raw videos or synthetic data")
+        raise UsageError("data.kind is already 'shards'; point the config at raw videos or synthetic data")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dataset = build_dataset(cfg.data, seed=cfg.seed)
     encoders = Encoders.from_specs(cfg.encoders).to(device)

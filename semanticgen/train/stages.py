@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from semanticgen.errors import UsageError
 from semanticgen.models import LatentGenerator, SemanticCompressor, SemanticGenerator, SemanticNorm, patchify
 from semanticgen.parallel import ContextGroup
 from semanticgen.rectified_flow import flow_matching_loss, flow_noising, sample_timesteps
@@ -62,17 +63,17 @@ def build_model_config(cls: type, table: dict[str, Any], derived: dict[str, Any]
     """``cls.Config`` from a config table plus values implied by the encoders/other models.
 
     A derived value (e.g. ``latent_generator.in_channels`` = the VAE's latent channels) fills a missing key and must
-    equal a given one; unknown keys are a ``ValueError`` naming ``model.<name>.<key>``.
+    equal a given one; unknown keys are a :class:`~semanticgen.errors.UsageError` naming ``model.<name>.<key>``.
     """
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     kwargs: dict[str, Any] = {}
     for key, value in table.items():
         if key not in fields:
-            raise ValueError(f"unknown config key 'model.{name}.{key}' (known: {', '.join(sorted(fields))})")
+            raise UsageError(f"unknown config key 'model.{name}.{key}' (known: {', '.join(sorted(fields))})")
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     for key, value in derived.items():
         if key in kwargs and kwargs[key] != value:
-            raise ValueError(
+            raise UsageError(
                 f"model.{name}.{key} = {kwargs[key]!r} does not match the value {value!r} the encoders/models imply"
             )
         kwargs[key] = value
@@ -107,7 +108,7 @@ def init_from_paths(model_tables: dict[str, dict[str, Any]]) -> dict[str, str]:
         path = model_tables.get(name, {}).get("init_from")
         if path is not None:
             if not isinstance(path, str) or not path:
-                raise ValueError(f"model.{name}.init_from must be a directory path (a string), got {path!r}")
+                raise UsageError(f"model.{name}.init_from must be a directory path (a string), got {path!r}")
             paths[name] = path
     return paths
 

@@ -54,6 +54,7 @@ __all__ = [
     "MAX_HEAD_DIM",
     "ATOMIC_DQ_ENV",
     "triton_unavailable",
+    "triton_rejects",
     "swin_attention_triton",
     "tile_table",
     "atomic_dq_requested",
@@ -99,6 +100,20 @@ def triton_unavailable() -> str | None:
         return "triton is not installed (pip install triton)"
     if not _INTERPRET and not torch.cuda.is_available():
         return "no CUDA device is available (set TRITON_INTERPRET=1 to run the kernels on CPU tensors, slowly)"
+    return None
+
+
+def triton_rejects(q: torch.Tensor) -> str | None:
+    """The registry's ``accepts`` predicate: why ``q`` (``[B, N, H, D]``) is outside the kernels' limits, or ``None``.
+
+    Declared here rather than only raised by :func:`swin_attention_triton`, so callers (``backend=None``, the
+    selftest) can ask before calling, and an error raised after the backend accepted inputs is a bug.
+    """
+    head_dim = q.shape[-1]
+    if head_dim > MAX_HEAD_DIM:
+        return f"head dim must be <= {MAX_HEAD_DIM}, got D={head_dim}; use backend='reference' for larger heads"
+    if q.shape[0] * q.shape[2] > MAX_GRID_Y:
+        return f"batch * heads must be <= {MAX_GRID_Y} (the CUDA grid's y limit), got {q.shape[0]} * {q.shape[2]}"
     return None
 
 
@@ -435,16 +450,9 @@ def swin_attention_triton(
         RuntimeError: ``SEMANTICGEN_SWIN_ATOMIC_DQ=1`` while deterministic algorithms are enforced.
     """
     head_dim = q.shape[-1]
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(
-            f"swin_attention(backend='triton'): head dim must be <= {MAX_HEAD_DIM}, got D={head_dim}; "
-            "use backend='reference' for larger heads"
-        )
-    if q.shape[0] * q.shape[2] > MAX_GRID_Y:
-        raise ValueError(
-            f"swin_attention(backend='triton'): batch * heads must be <= {MAX_GRID_Y} (the CUDA grid's "
-            f"y limit), got {q.shape[0]} * {q.shape[2]}"
-        )
+    reason = triton_rejects(q)  # the interface asks first; a direct call still gets the same ValueError
+    if reason is not None:
+        raise ValueError(f"swin_attention(backend='triton'): {reason}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"swin_attention(backend='triton'): dtype must be one of {[str(d) for d in SUPPORTED_DTYPES]}, "
@@ -494,5 +502,6 @@ register_backend(
         SUPPORTED_DTYPES,
         priority=20,
         unavailable=triton_unavailable,
+        accepts=triton_rejects,
     )
 )

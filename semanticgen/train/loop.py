@@ -42,7 +42,7 @@ from .export import full_state_dict
 from .metrics import MetricsWriter, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .semantic_norm import measure_semantic_norm
-from .sharding import init_units, load_full_state, materialize, set_gradient_sync, shard_model
+from .sharding import InitUnit, check_loaded, init_units, load_full_state, materialize, set_gradient_sync, shard_model
 from .stages import DataWidths, build_models, build_stage, init_from_paths, model_configs_from_tables
 
 logger = logging.getLogger(__name__)
@@ -172,6 +172,15 @@ def _stage_meta(
     return meta
 
 
+def _loaded_units(units: list[InitUnit], resume: CheckpointInfo | None, wan: dict[str, str]) -> frozenset[str]:
+    """The init units whose initial values are overwritten before training: all of them when resuming (the
+    checkpoint holds every parameter, frozen ones included), else the blocks of the generators loaded from Wan
+    (entirely Wan's; what Wan lacks, such as ``sem_embed``, sits outside the blocks and is initialised)."""
+    if resume is not None:
+        return frozenset(unit.name for unit in units)
+    return frozenset(unit.name for unit in units if unit.name.startswith(tuple(f"{name}.blocks." for name in wan)))
+
+
 def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -> bool:
     """Train one stage from ``resume`` (a checkpoint of this stage) or from scratch; True if it reached its end."""
     cfg, info = ctx.cfg, ctx.info
@@ -183,15 +192,18 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
     units = init_units(models)
     stage = build_stage(span.name, models, stage_cfg, cfg.seed, ctx.null_text)
     shard_model(stage, info.mesh, cfg.parallel, info.device)
-    materialize(stage, units, info.device, cfg.seed)
+    wan = (
+        {}
+        if resume is not None
+        else {n: p for n, p in init_from_paths(cfg.model).items() if n in STAGE_MODULES[span.name]}
+    )
+    materialize(stage, units, info.device, cfg.seed, loaded=_loaded_units(units, resume, wan))
     del units
-    if resume is None:  # a resumed run loads its own checkpoint below
-        for name, path in init_from_paths(cfg.model).items():
-            if name in STAGE_MODULES[span.name]:
-                # Each rank reads only its own shards' slices of the Wan tensors (no full copy on any rank).
-                source = load_wan(models[name], path)
-                if info.is_main:
-                    logger.info("%s: loaded Wan weights from %s (%d bytes on rank 0)", name, path, source.bytes_read)
+    for name, path in wan.items():  # a resumed run loads its own checkpoint below
+        # Each rank reads only its own shards' slices of the Wan tensors (no full copy on any rank).
+        source = load_wan(models[name], path)
+        if info.is_main:
+            logger.info("%s: loaded Wan weights from %s (%d bytes on rank 0)", name, path, source.bytes_read)
     compressor_sd = None
     if span.name == "semantic":
         compressor_sd = _latent_stage_compressor(ctx)
@@ -213,6 +225,7 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
         shapes = meta.get("shapes") or None
         if info.is_main:
             logger.info("resumed %s stage from %s (step %d)", span.name, resume.path, counters["step"])
+    check_loaded(stage)  # every parameter materialize left as NaN for a load got its value
     norm = None
     if span.name == "semantic" and stage_cfg.normalize_tokens:
         norm = _semantic_norm(ctx, compressor_sd, resume_meta)

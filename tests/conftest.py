@@ -7,6 +7,11 @@ tests fail, so a broken build cannot pass as a row of skips:
 * ``SEMANTICGEN_REQUIRE_EXTENSION=1``: ``semanticgen._C`` must import, and carry its CUDA kernels.
 * ``SEMANTICGEN_REQUIRE_PTXAS=1``: ``ptxas`` (the Triton resource reports) and ``nvcc`` with the CUDA
   sources (the CUDA resource reports) must be found.
+* ``SEMANTICGEN_REQUIRE_DEV_EXTRAS=1``: the ``dev`` extra's optional libraries (diffusers, torchvision) must
+  import; a broken or missing one fails the tests that use it instead of skipping whole files.
+
+The package's own dependencies (transformers, PyAV, safetensors, ...) are imported plainly: a missing one
+is an error, never a skip.
 
 Test modules use the fixtures below, or import the helpers (``from conftest import require_ptxas``): pytest
 puts ``tests/`` on ``sys.path`` and registers this file as the module ``conftest``.
@@ -26,10 +31,11 @@ from semanticgen._extension import built_cuda_archs, extension_available, extens
 
 REQUIRE_EXTENSION = "SEMANTICGEN_REQUIRE_EXTENSION"
 REQUIRE_PTXAS = "SEMANTICGEN_REQUIRE_PTXAS"
+REQUIRE_DEV_EXTRAS = "SEMANTICGEN_REQUIRE_DEV_EXTRAS"
 
 
 def required(flag: str) -> bool:
-    """Whether ``flag`` (``REQUIRE_EXTENSION`` or ``REQUIRE_PTXAS``) is set to 1 in the environment."""
+    """Whether ``flag`` (one of the ``REQUIRE_*`` names above) is set to 1 in the environment."""
     value = os.environ.get(flag, "").strip()
     if value not in ("", "0", "1"):
         # A typo such as "yes" must not silently turn the requirement off.
@@ -51,6 +57,17 @@ def require_extension(*, cuda: bool = False) -> None:
         skip_or_fail(f"semanticgen._C is not built ({extension_error()})", REQUIRE_EXTENSION)
     if cuda and not built_cuda_archs():
         skip_or_fail("semanticgen._C was built without CUDA", REQUIRE_EXTENSION)
+
+
+def require_dev_extra(module: str, why: str = ""):
+    """Import and return ``module``, an optional library of the ``dev`` extra; skip, or fail under
+    ``SEMANTICGEN_REQUIRE_DEV_EXTRAS=1``, when it does not import (missing, or broken by its own imports)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        skip_or_fail(f"{module} does not import ({exc}){': ' + why if why else ''}", REQUIRE_DEV_EXTRAS)
 
 
 def require_ptxas() -> str:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import require_dev_extra
 
 from semanticgen.integrations.diffusers import WanSwinAttnProcessor, _Grid, enable_swin_attention
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require_dev_extra("diffusers")
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor  # noqa: E402
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_dev_extra
 
 from semanticgen.encoders import (
     HashTextEncoder,
@@ -358,7 +359,7 @@ LATENTS_STD = [1.5, 0.5, 2.0, 1.0]
 @pytest.fixture(scope="module")
 def tiny_wan_dir(tmp_path_factory):
     """A tiny random AutoencoderKLWan (4x time, 8x space, 4 latent channels) saved as a pipeline's ``vae/``."""
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = require_dev_extra("diffusers")
     path = tmp_path_factory.mktemp("wan")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKLWan(

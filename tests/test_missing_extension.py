@@ -93,7 +93,9 @@ def test_missing_extension_fails_when_required(tmp_path):
     assert "SEMANTICGEN_REQUIRE_EXTENSION=1: this is a failure, not a skip" in proc.stdout
 
 
-@pytest.mark.parametrize("flag", ["SEMANTICGEN_REQUIRE_EXTENSION", "SEMANTICGEN_REQUIRE_PTXAS"])
+@pytest.mark.parametrize(
+    "flag", ["SEMANTICGEN_REQUIRE_EXTENSION", "SEMANTICGEN_REQUIRE_PTXAS", "SEMANTICGEN_REQUIRE_DEV_EXTRAS"]
+)
 def test_require_flags(monkeypatch, flag):
     """Unset or 0: a skip with the reason; 1: a failure with it; anything else: a usage error."""
     from conftest import skip_or_fail
@@ -108,6 +110,22 @@ def test_require_flags(monkeypatch, flag):
     monkeypatch.setenv(flag, "yes")
     with pytest.raises(pytest.UsageError, match=f"{flag} must be 0 or 1"):
         skip_or_fail("ptxas not found", flag)
+
+
+def test_a_dev_extra_that_does_not_import_skips_or_fails(monkeypatch):
+    """diffusers and torchvision (the dev extra): a missing or broken one skips, or fails in CI."""
+    import sys
+
+    from conftest import require_dev_extra
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError, as when it is broken
+    monkeypatch.delenv("SEMANTICGEN_REQUIRE_DEV_EXTRAS", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="diffusers does not import"):
+        require_dev_extra("diffusers")
+    monkeypatch.setenv("SEMANTICGEN_REQUIRE_DEV_EXTRAS", "1")
+    with pytest.raises(pytest.fail.Exception, match="SEMANTICGEN_REQUIRE_DEV_EXTRAS=1: this is a failure"):
+        require_dev_extra("diffusers")
+    assert require_dev_extra("json").dumps(1) == "1"  # one that imports is returned
 
 
 def test_missing_ptxas_fails_when_required(monkeypatch):

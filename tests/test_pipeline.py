@@ -162,7 +162,6 @@ def test_progress_bar_counts_every_denoising_step(capsys):
 
 
 def test_writes_a_readable_video(tmp_path):
-    pytest.importorskip("av")
     from semanticgen.video import read_video, save_video
 
     frames = _pipeline()(["a red square"], steps=2, seed=0, progress=False)

@@ -10,9 +10,9 @@ import os
 
 import pytest
 import torch
+from conftest import require_dev_extra
 
-pytest.importorskip("transformers")
-pytest.importorskip("torchvision", reason="transformers' Qwen2-VL video processor needs torchvision")
+require_dev_extra("torchvision", "transformers' Qwen2-VL video processor needs it")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration  # noqa: E402

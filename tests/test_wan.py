@@ -14,11 +14,12 @@ import shutil
 
 import pytest
 import torch
+from conftest import require_dev_extra
 
 from semanticgen.models import LatentGenerator, SemanticGenerator
 from semanticgen.models.wan import WAN_TEXT_LEN, wan_parameter_map, wan_text_states
 
-diffusers = pytest.importorskip("diffusers")
+diffusers = require_dev_extra("diffusers")
 
 # 2 heads of 18: Wan's RoPE gives h = w = 2 * (18 // 6) = 6 channels and t = 6 (each even, as it asserts).
 TINY_WAN = dict(
@@ -598,7 +599,7 @@ def _recipe_stand_ins(root) -> dict[str, str]:
 def test_wan_recipe_config_trains_two_steps_on_two_ranks(tmp_path):
     """configs/wan2.1_t2v_1.3b_semanticgen.toml end to end on 2 CPU ranks with tiny stand-ins at its paths: only
     the paths, devices, clip size, step counts and torch.compile are overridden."""
-    pytest.importorskip("torchvision", reason="transformers' Qwen2-VL video processor needs torchvision")
+    require_dev_extra("torchvision", "transformers' Qwen2-VL video processor needs it")
     from _train_helpers import REPO, metrics, run_train
 
     from semanticgen.exports import read_export

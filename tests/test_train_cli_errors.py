@@ -160,3 +160,22 @@ def test_training_config_bug_keeps_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "config_from_dict", broken)
     with pytest.raises(ValueError, match=re.escape("an internal bug")):
         train_main([str(TINY), "--run-dir", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.latent_generator.window=2.5", "[model]: LatentGenerator: window must be a positive int, got 2.5"),
+        ("model.semantic_generator.qk_norm=1", "[model]: SemanticGenerator: qk_norm must be a bool, got 1"),
+        ("encoders.vae.hidden=-3", "[encoders]: LearnedVideoAE: hidden must be a positive int, got -3"),
+    ],
+    ids=["model-window", "model-bool", "encoders"],
+)
+def test_training_bad_model_or_encoder_values_are_one_line_before_anything_runs(tmp_path, capsys, override, expected):
+    """Values the config loader passes through to the models and encoders: checked before the autoencoder stage
+    trains (a bad window used to surface as a traceback after it had)."""
+    run_dir = tmp_path / "run"
+    argv = [str(TINY), "--run-dir", str(run_dir), "--set", override, "--set", "log.progress=false"]
+    assert train_main(argv) == EXIT_USAGE
+    assert _error_line(capsys.readouterr().err, "semanticgen.train").startswith(expected)
+    assert not run_dir.exists()

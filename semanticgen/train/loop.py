@@ -342,6 +342,17 @@ def _check_shard_encoders(used: dict, configured: dict) -> None:
                 )
 
 
+def check_model_tables(cfg: TrainConfig, widths: DataWidths) -> None:
+    """Build the three models on the meta device (no storage, no initialisation) so a bad value in a
+    ``[model.*]`` table is a one-line usage error before anything runs, not a traceback after the autoencoder
+    stage has trained."""
+    try:
+        with torch.device("meta"):
+            build_models(cfg.model, widths)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"[model]: {e}") from e
+
+
 def check_context_parallel(cfg: TrainConfig, widths: DataWidths, latent_frames: int) -> None:
     """Refuse (``UsageError``, naming the numbers) a latent stage whose clips have fewer unshifted windows than
     ``parallel.context_parallel`` ranks. Only the time axis decides the windows, so no model is built."""
@@ -384,10 +395,14 @@ def train(
         latent_frames = int(dataset.shapes["latents"][1])
     else:
         # A learned VAE comes from RUN_DIR/vae.safetensors; until the run has trained it, an untrained stand-in.
-        encoders, ae_pending = run_encoders(cfg.encoders, run_dir)
+        try:  # the [encoders] tables, and a VAE file already in the run directory, checked against each other
+            encoders, ae_pending = run_encoders(cfg.encoders, run_dir)
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"[encoders]: {e}") from e
         widths = DataWidths.from_encoders(encoders)
         null = encoders.null_text(torch.device("cpu"))
         latent_frames = encoders.vae.latent_frames(cfg.data.vae_frames)
+    check_model_tables(cfg, widths)
     check_context_parallel(cfg, widths, latent_frames)
 
     info = init_distributed(cfg.parallel.context_parallel)

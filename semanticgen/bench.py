@@ -32,10 +32,7 @@ from pathlib import Path
 
 import torch
 
-# One environment record for every result file (semanticgen/environment.py). ``environment`` and ``_cpu_model``
-# stay importable from here for callers written before that module existed (selftest.py).
-from semanticgen.environment import cpu_model as _cpu_model  # noqa: F401
-from semanticgen.environment import environment
+from semanticgen.environment import environment  # one record for every result file: bench's and selftest's
 
 # Parent of the per-run result directories when no output directory is given.
 DEFAULT_ROOT = "bench-results"

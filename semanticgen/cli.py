@@ -297,7 +297,7 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
         console.print(f"wrote {path}")
-    return 1 if any(r.status == selftest.FAIL for r in rows) else 0
+    return selftest.exit_code(rows)
 
 
 def _cuda_available() -> bool:
@@ -425,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=cmd_eval)
 
+    from semanticgen.selftest import EXIT_CODES_HELP as SELFTEST_EXIT_CODES
     from semanticgen.selftest import SECTIONS as SELFTEST_SECTIONS
 
     p = sub.add_parser(
@@ -432,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="acceptance run: kernel correctness, int64 offsets, flow ops, CUDA graphs and timing on one device",
         description="Checks every swin_attention backend (forward and gradients) and the fused flow ops against "
         "fp64 references, int64 offsets and CUDA-graph capture on CUDA, and times the backends against full "
-        "attention. Prints a verdict table; exits 0 when every check passes, 1 on any failure.",
+        "attention. Prints a verdict table.",
+        epilog=SELFTEST_EXIT_CODES,
     )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="lighter matrix and smaller timing sizes")

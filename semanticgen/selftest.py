@@ -1397,18 +1397,10 @@ def print_report(rows: Sequence[Row], elapsed: dict[str, float], device_name: st
 
 
 def environment(device: str) -> dict[str, Any]:
-    """Machine and versions for the JSON file."""
-    from semanticgen import bench
-    from semanticgen._extension import built_cuda_archs, extension_error
+    """Machine and versions for the JSON file: the record the benchmarks write too."""
+    from semanticgen.environment import environment as machine_record
 
-    env = bench.environment(device)
-    env["torch_cuda"] = torch.version.cuda
-    env["extension"] = "loaded" if extension_error() is None else f"MISSING: {extension_error()}"
-    env["extension_cuda_archs"] = built_cuda_archs()
-    if device == "cuda":
-        env["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return env
+    return machine_record(device)
 
 
 def _json_number(x):
@@ -1454,6 +1446,6 @@ def report_json(
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    from semanticgen import bench
+    from semanticgen.environment import cpu_model
 
-    return f"CPU ({bench._cpu_model()}, {torch.get_num_threads()} threads)"
+    return f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"

@@ -106,10 +106,12 @@ ENVIRONMENT_KEYS = (
 
 
 def test_environment_records_versions_build_and_gpu():
+    from semanticgen import selftest
     from semanticgen._extension import built_cuda_archs, extension_available
     from semanticgen.environment import environment
 
     assert bench.environment is environment  # one record for bench and selftest
+    assert selftest.environment("cpu").keys() == environment("cpu").keys()
     env = environment("cpu")
     assert tuple(env) == ENVIRONMENT_KEYS  # always every key, so every machine's CSV has the same columns
     assert all(v is None or isinstance(v, (str, int, float)) for v in env.values())  # a CSV cell holds it as is

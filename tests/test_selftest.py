@@ -222,10 +222,6 @@ def test_spent_time_budget_makes_the_run_incomplete(monkeypatch):
     assert selftest.exit_code([selftest.Row("flow", "x", "cpu")]) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="until semanticgen/cli.py's cmd_selftest returns selftest.exit_code(rows); then remove this mark",
-)
 def test_cli_exits_3_when_incomplete(monkeypatch, tmp_path):
     _budget(monkeypatch, "cpu", True, attention=0)
     out = tmp_path / "cut.json"

@@ -41,7 +41,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -492,37 +491,12 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)  # a reader never sees a half-written file
 
 
-def _git_commit() -> str | None:
-    if not (REPO / ".git").exists():
-        return None
-    try:
-        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return head.stdout.strip() + ("-dirty" if dirty else "") if head.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def environment(device: str) -> dict[str, Any]:
-    """Machine, versions and commit stamped on the study's JSON."""
-    import semanticgen
+    """The machine record every result file carries (:func:`semanticgen.environment.environment`), plus the load
+    average: the study's runs take half an hour, and a busy machine slows them without changing their results."""
+    from semanticgen.environment import environment as machine_record
 
-    return {
-        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "machine": platform.node(),
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "semanticgen": semanticgen.__version__,
-        "git_commit": _git_commit(),
-    }
+    return {**machine_record(device), "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 def row(spec: RunSpec, budget: Budget, record: dict, reference_flops: dict[float, int]) -> dict[str, Any]:

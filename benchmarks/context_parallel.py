@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._timing import NullProgress
+from semanticgen.timing import NullProgress
 
 
 @dataclass(frozen=True)

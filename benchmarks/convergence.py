@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from ._timing import NullProgress
+from semanticgen.timing import NullProgress
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "tiny.toml"

@@ -23,8 +23,7 @@ import torch
 
 from semanticgen.models import DiTBlock, LatentGenerator, rope_tables
 from semanticgen.ops import WindowLayout
-
-from ._timing import NullProgress, spread_fields, time_candidates
+from semanticgen.timing import NullProgress, spread_fields, time_candidates
 
 TEXT_TOKENS = 64
 TW = 4  # window in latent frames

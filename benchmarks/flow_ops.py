@@ -45,8 +45,7 @@ import torch
 
 from semanticgen._extension import cpu_capability
 from semanticgen.ops import flow
-
-from ._timing import (
+from semanticgen.timing import (
     NullProgress,
     flag_slow_layouts,
     last_level_cache_bytes,

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from semanticgen.ops import WindowLayout, swin_attention
-
-from ._timing import NullProgress, add_noise, measure_interleaved, spread_fields
+from semanticgen.timing import NullProgress, add_noise, measure_interleaved, spread_fields
 
 # The reference case: 8,704 tokens in 8 windows.
 HEADS, HEAD_DIM = 8, 64

@@ -50,8 +50,7 @@ import torch.nn.functional as F
 
 from semanticgen.ops import WindowLayout, swin_attention, swin_attention_reference
 from semanticgen.planning import plan
-
-from ._timing import NullProgress, cuda_event_times, summarize
+from semanticgen.timing import NullProgress, cuda_event_times, summarize
 
 SUITE = "attention-gpu"
 HEIGHT, WIDTH = 480, 832

@@ -120,7 +120,7 @@ def run_suites(names: Sequence[str], *, quick: bool, device: str, show_progress:
 def _flag_spread(rows: list[dict]) -> None:
     """Give rows that carry ``ms_min``/``ms_max`` but no ``noise`` field (suites that record the spread without
     judging it, e.g. the GPU attention suite) the same spread flag as the others."""
-    from semanticgen.benchmarks._timing import noise_flag
+    from semanticgen.timing import noise_flag
 
     for row in rows:
         if "noise" not in row and isinstance(row.get("ms_min"), float) and isinstance(row.get("ms_max"), float):
@@ -184,7 +184,7 @@ def slow_layout_rows(results: Sequence[SuiteResult]) -> list[dict]:
 
 def slow_layout_warning(results: Sequence[SuiteResult]) -> str | None:
     """One line naming the ops whose speed depends on the layout of the same data, or None when none does."""
-    from semanticgen.benchmarks._timing import LAYOUT_BOUND
+    from semanticgen.timing import LAYOUT_BOUND
 
     flagged = slow_layout_rows(results)
     if not flagged:
@@ -257,7 +257,7 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [row for r in results for row in r.rows]
     paths = {"json": out_dir / "results.json", "csv": out_dir / "results.csv"}
-    from semanticgen.benchmarks._timing import LAYOUT_BOUND, SPREAD_BOUND
+    from semanticgen.timing import LAYOUT_BOUND, SPREAD_BOUND
 
     payload = {
         "environment": env,

@@ -11,10 +11,10 @@ import types
 import pytest
 import torch
 from conftest import require_extension
-from semanticgen.benchmarks import _timing
 from semanticgen.benchmarks import swin_attention_cpu as attn
 
 from semanticgen import bench
+from semanticgen import timing as _timing
 
 
 def test_spread_above_bound_is_flagged_and_within_bound_is_not():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-from semanticgen.benchmarks import _timing
 from semanticgen.benchmarks import swin_attention_gpu as gpu
 
 from semanticgen import bench
+from semanticgen import timing as _timing
 from semanticgen.ops import WindowLayout
 from semanticgen.planning import plan
 

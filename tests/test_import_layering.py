@@ -49,6 +49,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "errors",
                 "frames",
                 "threads",
+                "timing",
                 "video",
             }
         ),

@@ -1,4 +1,7 @@
-"""Timing helpers shared by the benchmark modules.
+"""Timing helpers shared by the benchmarks (``semanticgen bench``) and ``semanticgen selftest``.
+
+They live in the package, not in ``benchmarks/``, so the selftest runs from a source checkout whose extension
+failed to build (``semanticgen.benchmarks`` exists only once the package is installed).
 
 Wall-clock medians over repeats after warm-up: this machine is noisy, so every figure a benchmark
 reports is also given as a ratio against a baseline measured in the same run, with its spread across

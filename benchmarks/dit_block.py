@@ -8,8 +8,8 @@ halved. Reports milliseconds, tokens/s, achieved GFLOP/s of the whole block (mod
 attention FLOPs only for the windowed block), the share of the block's FLOPs spent in self-attention,
 and the windowed block's speedup over the full-attention block measured in the same run. Each time
 carries its spread over the repeats (``ms_min``, ``ms_max``) and a ``noise`` flag above
-``_timing.SPREAD_BOUND``. On CPU both attentions are timed round-robin (wall clock); on CUDA each is timed
-with CUDA events after warm-up, with L2 flushed before every call (``_timing.time_candidates``).
+``semanticgen.timing.SPREAD_BOUND``. On CPU both attentions are timed round-robin (wall clock); on CUDA each is timed
+with CUDA events after warm-up, with L2 flushed before every call (``semanticgen.timing.time_candidates``).
 
 Run alone: ``python -m semanticgen.benchmarks.dit_block [--quick] [--device cpu]``.
 """

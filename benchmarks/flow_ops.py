@@ -16,7 +16,7 @@ For each op (``cfg_euler_step`` with ``out=``, ``euler_step_`` in place, ``flow_
   32 MiB LLC; ``working_set_vs_llc`` says how far out of cache each op is here.
 
 Every row reports the median time with its spread over the repeats (``ms_min``, ``ms_max``; ``noise``
-flags max/min above ``_timing.SPREAD_BOUND``), the achieved GB/s (bytes the op must move, divided by
+flags max/min above ``semanticgen.timing.SPREAD_BOUND``), the achieved GB/s (bytes the op must move, divided by
 time: each input read once and each output written once; the triad counts its 3 arrays the same way,
 and neither counts write-allocate reads), the speedup over eager, the time ratio against the compiled
 expression, the fraction of the triad roof's GB/s measured in the same round-robin, and ``err_ulps``
@@ -30,7 +30,7 @@ A shape sweep then times ``cfg_euler_step(..., out=)`` (fused and eager, float32
 elements laid out as ``(n,)``, ``(1, n)``, ``(4, n/4)`` and ``(B, n/B)`` with large ``B``: the op's speed
 should not depend on how the leading dimension is laid out. Each sweep row gives ``vs_best_layout`` (its median
 over the fastest layout's, same op, impl and dtype) and ``slow_layout``, set when even its fastest repeat took
-more than ``_timing.LAYOUT_BOUND`` (1.5) times the fastest layout's slowest: a shape cliff, which the run's
+more than ``semanticgen.timing.LAYOUT_BOUND`` (1.5) times the fastest layout's slowest: a shape cliff, which the run's
 closing warning names.
 
 Run alone: ``python -m semanticgen.benchmarks.flow_ops [--quick] [--device cpu|cuda]``.
@@ -375,7 +375,7 @@ def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
     """Rows ``{op, impl, dtype, shape, ms, ms_min, ms_max, spread, noise, GB/s, speedup_vs_eager,
     compiled_ms_ratio, roof_fraction, err_ulps}``, the ``triad roof`` rows among them, then the shape sweep's
     (``vs_best_layout`` and ``slow_layout`` in place of the compiled and error columns; see
-    :func:`._timing.flag_slow_layouts`).
+    :func:`semanticgen.timing.flag_slow_layouts`).
 
     ``cpu_capability`` in each CPU row names the variant of the fused kernels that ran (``avx2``
     or ``avx512``; set ``SEMANTICGEN_CPU_CAPABILITY`` to compare them).
@@ -416,7 +416,7 @@ def run(quick: bool = False, device: str = "cpu", progress=None) -> list[dict]:
             gbs = 4 * NUMEL * 4 / (t["ms"] * 1e-3) / 1e9
             extra = {"speedup_vs_eager": times[f"eager {shape}"]["ms"] / t["ms"], "roof_fraction": gbs / roof_gbs}
             sweep.append(_row(device, SWEEP_OP, impl, "float32", shape, 4 * NUMEL * 4, t, llc, **extra))
-    flag_slow_layouts(sweep)  # per op/impl/dtype: vs_best_layout, and slow_layout beyond _timing.LAYOUT_BOUND
+    flag_slow_layouts(sweep)  # per op/impl/dtype: vs_best_layout, and slow_layout beyond LAYOUT_BOUND
     progress.advance("flow cfg_euler_step layout sweep")
     return rows + sweep
 

@@ -9,7 +9,7 @@ speedup and the per-FLOP rate ratio, for forward and forward+backward, plus how 
 sequence length at a fixed window (``time_vs_half_n``).
 
 Each time comes with its spread over the repeats (``ms_min``, ``ms_max``). The ``noise`` column flags a
-row whose max/min exceeds ``_timing.SPREAD_BOUND``, or whose time at N is below its time at N/2: more
+row whose max/min exceeds ``semanticgen.timing.SPREAD_BOUND``, or whose time at N is below its time at N/2: more
 tokens in windows of a fixed size cannot take less time, so such a row measured the machine's load.
 
 Run alone: ``python -m semanticgen.benchmarks.swin_attention_cpu [--quick | --long]``.

@@ -12,9 +12,9 @@ new directory ``bench-results/<UTC timestamp>-<device>[-quick]/`` unless it is g
 overwrites another's results.
 
 Rows that carry a ``noise`` field (set by the suites: a spread across repeats above
-``_timing.SPREAD_BOUND``, or an impossible growth with N) are flagged in the tables and the JSON, and
+``semanticgen.timing.SPREAD_BOUND``, or an impossible growth with N) are flagged in the tables and the JSON, and
 :func:`run` ends with a warning to rerun on a quiet machine. Rows with a ``slow_layout`` field (the flow
-suite's shape sweep: a layout slower than ``_timing.LAYOUT_BOUND`` times the best layout of the same op,
+suite's shape sweep: a layout slower than ``semanticgen.timing.LAYOUT_BOUND`` times the best layout of the same op,
 beyond both rows' spread) are flagged the same way, and the closing warnings name that shape cliff too.
 """
 
@@ -178,7 +178,7 @@ def noise_warning(results: Sequence[SuiteResult]) -> str | None:
 
 
 def slow_layout_rows(results: Sequence[SuiteResult]) -> list[dict]:
-    """Rows a layout sweep flagged (a truthy ``slow_layout`` field, see ``_timing.flag_slow_layouts``)."""
+    """Rows a layout sweep flagged (a truthy ``slow_layout`` field, see ``semanticgen.timing.flag_slow_layouts``)."""
     return [row for r in results for row in r.rows if row.get("slow_layout")]
 
 

@@ -1021,7 +1021,7 @@ def _plan_layout(seconds: float, height: int, width: int):
 def _time_ms(fn: Callable[[], object], device: str, quick: bool) -> dict[str, float]:
     """Per-call milliseconds of ``fn()``: ``{"ms": median, "ms_min", "ms_max", "repeats"}``.
 
-    CUDA: CUDA events with L2 flushed before every call (``benchmarks._timing.cuda_event_times``), at least
+    CUDA: CUDA events with L2 flushed before every call (``semanticgen.timing.cuda_event_times``), at least
     5 calls and up to 30 while under 0.3 s, after one warm-up. CPU: one warm-up, then 3 (quick) or 5 timed
     calls: enough for a spread, not for a benchmark.
     """

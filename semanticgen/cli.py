@@ -446,9 +446,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_cuda_home_warning() -> None:
+    """Silence torch's "No CUDA runtime is found, using CUDA_HOME=..." warning.
+
+    ``torch.utils.cpp_extension`` logs it on import whenever a CUDA toolkit is installed on a machine without a
+    GPU, and ``torch.compile`` imports that module, so every ``semanticgen bench`` printed it. It says nothing a
+    user can act on: ``semanticgen info`` reports the devices and the build.
+    """
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_cuda_home_warning()
     try:
         # A user mistake (UsageError) is one line and exit 2; anything else is a bug and keeps its traceback.
         return run_command(f"semanticgen {args.command}", lambda: args.func(args))

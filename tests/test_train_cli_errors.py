@@ -179,3 +179,26 @@ def test_training_bad_model_or_encoder_values_are_one_line_before_anything_runs(
     assert train_main(argv) == EXIT_USAGE
     assert _error_line(capsys.readouterr().err, "semanticgen.train").startswith(expected)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("semantic.optim.lr=-1", "--set semantic.optim.lr=-1: semantic.optim.lr must be a finite number > 0"),
+        ("latent.timestep_shift=0", "--set latent.timestep_shift=0: latent.timestep_shift must be a finite number > 0"),
+        ("latent.kl_weight=-1", "--set latent.kl_weight=-1: latent.kl_weight must be a finite number >= 0"),
+        ("latent.optim.warmup_steps=-5", "latent.optim.warmup_steps must be a finite number >= 0, got -5"),
+        ("latent.optim.betas=[0.9, 1.5]", "latent.optim.betas must be two numbers in [0, 1)"),
+        ("data.num_samples=0", "--set data.num_samples=0: data.num_samples must be >= 1, got 0"),
+        ("data.vae_frames=2", "data.vae_frames: LearnedVideoAE: num_frames must be 1 + k * 4"),
+    ],
+    ids=["lr", "shift", "kl", "warmup", "betas", "num_samples", "vae_frames"],
+)
+def test_training_bad_stage_or_data_values_are_one_line_before_anything_runs(tmp_path, capsys, override, expected):
+    """A negative semantic-stage learning rate used to surface as torch's traceback after the autoencoder and the
+    whole latent stage had trained; a zero num_samples or an odd clip length as a dataset or VAE traceback."""
+    run_dir = tmp_path / "run"
+    argv = [str(TINY), "--run-dir", str(run_dir), "--set", override, "--set", "log.progress=false"]
+    assert train_main(argv) == EXIT_USAGE
+    assert expected in _error_line(capsys.readouterr().err, "semanticgen.train")
+    assert not run_dir.exists()

@@ -401,7 +401,10 @@ def train(
             raise UsageError(f"[encoders]: {e}") from e
         widths = DataWidths.from_encoders(encoders)
         null = encoders.null_text(torch.device("cpu"))
-        latent_frames = encoders.vae.latent_frames(cfg.data.vae_frames)
+        try:
+            latent_frames = encoders.vae.latent_frames(cfg.data.vae_frames)
+        except ValueError as e:  # a clip length the VAE cannot encode
+            raise UsageError(f"data.vae_frames: {e}") from e
     check_model_tables(cfg, widths)
     check_context_parallel(cfg, widths, latent_frames)
 

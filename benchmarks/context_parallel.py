@@ -5,7 +5,7 @@ Each configuration runs in fresh processes (spawned, one per rank, gloo over a f
 windows and back-propagates the training loss (each rank's squared error over its tokens). Per configuration:
 
 * ``step_ms``: median wall time of one forward+backward step (the slowest rank; a barrier starts every step);
-* ``peak_rss_mb``: peak resident memory of the busiest rank's process (``ru_maxrss``: the process's lifetime peak,
+* ``peak_rss_mb``: peak resident memory of the busiest rank's process (``VmHWM``: the process's lifetime peak,
   model and interpreter included), and ``step_rss_mb``: how far the steps raised it above what the process held
   after building the model and the inputs (activations, attention scores, gradients);
 * ``bytes_sent_per_rank``: halo bytes each rank sends per step, counted at the point-to-point calls
@@ -124,6 +124,20 @@ def halo_bytes(case: Case, size: int, rank: int) -> int:
 
 
 def _max_rss_mb() -> float:
+    """This process's peak resident memory in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux, else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: a spawned rank is forked from the benchmark process before it execs, and Linux
+    carries the parent's peak across fork and exec into ``ru_maxrss``, so inside ``semanticgen bench`` every rank
+    reported the parent's peak (about 2 GB after the attention suites) and the steps appeared to add nothing.
+    ``VmHWM`` belongs to the process's own address space, which exec replaces.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 

@@ -41,3 +41,29 @@ def test_suite_is_registered_and_skips_cuda(monkeypatch):
     assert calls == [("quick", 1, 1), ("quick", 1, 2), ("quick", 2, 1)]
     assert [r["speedup_vs_cp1_1thread"] for r in rows] == [1.0, 1.0, 2.0]
     assert rows[2]["step_rss_vs_cp1"] == 0.5
+
+
+def _child_peak(queue) -> None:
+    queue.put(cpb._max_rss_mb())
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="VmHWM is Linux's")
+def test_a_spawned_rank_does_not_report_its_parents_peak_memory():
+    """Inside ``semanticgen bench`` the ranks are spawned from a process that already peaked at ~2 GB; Linux
+    carries that peak into a forked-then-exec'd child's ``ru_maxrss``, so every rank reported it. ``VmHWM`` is
+    the child's own."""
+    import multiprocessing as mp
+
+    import torch
+
+    big = torch.ones(100_000_000)  # 400 MB resident in the parent
+    big.add_(1)
+    parent = cpb._max_rss_mb()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_peak, args=(queue,))
+    child.start()
+    peak = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert parent > 400
+    assert peak < parent - 300, (peak, parent)  # the child's own peak (an interpreter with torch), not the parent's

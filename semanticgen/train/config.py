@@ -220,7 +220,7 @@ class TrainConfig:
             # Checked here, not where the stage is built: a bad value there surfaced as a traceback after the
             # stages before it (the autoencoder, the latent stage) had trained.
             optim = stage.optim
-            _check_positive(f"{name}.optim.lr", optim.lr)
+            _check_non_negative(f"{name}.optim.lr", optim.lr)  # 0 is allowed: a run that must not move the weights
             _check_positive(f"{name}.timestep_shift", stage.timestep_shift)
             for key, value in (
                 ("optim.weight_decay", optim.weight_decay),

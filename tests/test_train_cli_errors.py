@@ -185,7 +185,10 @@ def test_training_bad_model_or_encoder_values_are_one_line_before_anything_runs(
     "override, expected",
     [
         ("semantic.optim.lr=-1", "--set semantic.optim.lr=-1: semantic.optim.lr must be a finite number >= 0"),
-        ("latent.timestep_shift=0", "--set latent.timestep_shift=0: latent.timestep_shift must be a finite number > 0"),
+        (
+            "latent.timestep_shift=0",
+            "--set latent.timestep_shift=0: latent.timestep_shift must be a positive finite number",
+        ),
         ("latent.kl_weight=-1", "--set latent.kl_weight=-1: latent.kl_weight must be a finite number >= 0"),
         ("latent.optim.warmup_steps=-5", "latent.optim.warmup_steps must be a finite number >= 0, got -5"),
         ("latent.optim.betas=[0.9, 1.5]", "latent.optim.betas must be two numbers in [0, 1)"),

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from semanticgen._checks import is_int, is_real
+from semanticgen._checks import check_number, is_int, is_real
 from semanticgen.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -220,27 +219,25 @@ class TrainConfig:
             # Checked here, not where the stage is built: a bad value there surfaced as a traceback after the
             # stages before it (the autoencoder, the latent stage) had trained.
             optim = stage.optim
-            _check_non_negative(f"{name}.optim.lr", optim.lr)  # 0 is allowed: a run that must not move the weights
-            _check_positive(f"{name}.timestep_shift", stage.timestep_shift)
+            check_number(f"{name}.timestep_shift", stage.timestep_shift, positive=True, finite=True, error=UsageError)
             for key, value in (
+                ("optim.lr", optim.lr),  # 0 is allowed: a run that must not move the weights
                 ("optim.weight_decay", optim.weight_decay),
                 ("optim.warmup_steps", optim.warmup_steps),
                 ("optim.eps", optim.eps),
                 ("kl_weight", stage.kl_weight),
             ):
-                _check_non_negative(f"{name}.{key}", value)
-            if not 0.0 <= optim.min_lr_ratio <= 1.0:
-                raise UsageError(f"{name}.optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
+                check_number(f"{name}.{key}", value, minimum=0, finite=True, error=UsageError)
+            for key, value in (("optim.min_lr_ratio", optim.min_lr_ratio), ("sem_noise_level", stage.sem_noise_level)):
+                check_number(f"{name}.{key}", value, minimum=0, maximum=1, error=UsageError)
             if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
                 raise UsageError(f"{name}.optim.betas must be two numbers in [0, 1), got {list(optim.betas)}")
-            if not 0.0 <= stage.sem_noise_level <= 1.0:
-                raise UsageError(f"{name}.sem_noise_level must be in [0, 1], got {stage.sem_noise_level}")
         data = self.data
         for key in ("num_samples", "height", "width", "vae_frames", "sem_frames"):
             if getattr(data, key) < 1:
                 raise UsageError(f"data.{key} must be >= 1, got {getattr(data, key)}")
         for key in ("vae_fps", "sem_fps"):
-            _check_positive(f"data.{key}", getattr(data, key))
+            check_number(f"data.{key}", getattr(data, key), positive=True, finite=True, error=UsageError)
         ae = self.autoencoder
         for name in ("steps", "batch", "stats_clips"):
             if getattr(ae, name) < 1:
@@ -369,16 +366,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise UsageError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
         return data
     raise UsageError(f"config file must end in .toml, .yaml or .yml, got {path.name!r}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value > 0):
-        raise UsageError(f"{name} must be a finite number > 0, got {value}")
-
-
-def _check_non_negative(name: str, value: float) -> None:
-    if not (math.isfinite(value) and value >= 0):
-        raise UsageError(f"{name} must be a finite number >= 0, got {value}")
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

@@ -22,8 +22,20 @@ META_KEY = "semanticgen"  # the metadata key of every safetensors file the packa
 
 
 def default_file_mode() -> int:
-    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the process umask."""
-    mask = os.umask(0)  # the only portable way to read the umask is to set it and put it back
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` less the process umask.
+
+    The umask is read from ``/proc/self/status`` where Linux has it: the portable way (set it, then put it back)
+    leaves the process with umask 0 for a moment, and a file another thread creates then (a data-loader thread,
+    a checkpoint writer) would be world-writable.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
 

@@ -197,7 +197,8 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
         if resume is not None
         else {n: p for n, p in init_from_paths(cfg.model).items() if n in STAGE_MODULES[span.name]}
     )
-    materialize(stage, units, info.device, cfg.seed, loaded=_loaded_units(units, resume, wan))
+    loaded = _loaded_units(units, resume, wan)
+    materialize(stage, units, info.device, cfg.seed, loaded=loaded)
     del units
     for name, path in wan.items():  # a resumed run loads its own checkpoint below
         # Each rank reads only its own shards' slices of the Wan tensors (no full copy on any rank).
@@ -225,7 +226,8 @@ def run_stage(ctx: RunContext, span: StageSpan, resume: CheckpointInfo | None) -
         shapes = meta.get("shapes") or None
         if info.is_main:
             logger.info("resumed %s stage from %s (step %d)", span.name, resume.path, counters["step"])
-    check_loaded(stage)  # every parameter materialize left as NaN for a load got its value
+    if loaded:
+        check_loaded(stage)  # every parameter materialize left as NaN for a load got its value
     norm = None
     if span.name == "semantic" and stage_cfg.normalize_tokens:
         norm = _semantic_norm(ctx, compressor_sd, resume_meta)

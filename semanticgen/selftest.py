@@ -68,6 +68,7 @@ from typing import Any
 
 import torch
 
+from semanticgen.environment import cpu_model, environment  # the record the benchmarks write too
 from semanticgen.timing import SPREAD_BOUND
 
 __all__ = [
@@ -1398,13 +1399,6 @@ def print_report(rows: Sequence[Row], elapsed: dict[str, float], device_name: st
     console.print(f"[{word_style}]{escape(verdict(rows, elapsed, device_name))}[/]")
 
 
-def environment(device: str) -> dict[str, Any]:
-    """Machine and versions for the JSON file: the record the benchmarks write too."""
-    from semanticgen.environment import environment as machine_record
-
-    return machine_record(device)
-
-
 def _json_number(x):
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)  # "inf" / "nan": strict JSON has no such numbers
@@ -1448,6 +1442,4 @@ def report_json(
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    from semanticgen.environment import cpu_model
-
     return f"CPU ({cpu_model()}, {torch.get_num_threads()} threads)"

@@ -88,6 +88,19 @@ def _model_and_inputs(frames: int):
     return model, inputs, target.float().double()
 
 
+def _fp32_model_and_inputs(frames: int):
+    """What a rank runs: :func:`_model_and_inputs` in fp32 (exactly the fp64 values, which fp32 holds)."""
+    model, inputs, target = _model_and_inputs(frames)
+    return model.float(), tuple(v.float() if v.is_floating_point() else v for v in inputs), target.float()
+
+
+def _join(rank: int, world: int, store_path: str) -> None:
+    """One thread per rank (2 ranks on 2 cores), then the gloo group over a file store."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+
+
 def _loss(model, inputs, target, cp):
     pred, index = model.forward_context_parallel(*inputs, cp)
     goal = patchify(target, model.patch).index_select(1, index)
@@ -111,14 +124,9 @@ def _record_block_calls(model, calls: list, events: list) -> None:
 
 
 def _worker(rank: int, world: int, store_path: str, frames: int, results: dict) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    _join(rank, world, store_path)
     try:
-        model, inputs, target = _model_and_inputs(frames)
-        model.float()
-        inputs = tuple(v.float() if v.is_floating_point() else v for v in inputs)
-        target = target.float()
+        model, inputs, target = _fp32_model_and_inputs(frames)
         calls = []  # tokens each block call sees: shows that the overlapped path split the layer
         # In backward: ("grad", block, k) when the input gradient of that block's k-th call (in forward order) is
         # done; ("post",) for every batch of P2P ops the overlapped exchange starts.
@@ -240,14 +248,9 @@ def _fsdp_worker(rank: int, world: int, store_path: str, frames: int, checkpoint
     from semanticgen.train.config import ParallelConfig
     from semanticgen.train.sharding import shard_model
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    _join(rank, world, store_path)
     try:
-        model, inputs, target = _model_and_inputs(frames)
-        model.float()
-        inputs = tuple(v.float() if v.is_floating_point() else v for v in inputs)
-        target = target.float()
+        model, inputs, target = _fp32_model_and_inputs(frames)
         calls, events = [], []
         _record_block_calls(model, calls, events)
         stage = _Stage(model)

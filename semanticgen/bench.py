@@ -160,14 +160,15 @@ def print_tables(results: Sequence[SuiteResult], console=None) -> None:
         console.print(table)
 
 
-def noisy_rows(results: Sequence[SuiteResult]) -> list[dict]:
-    """Rows a suite flagged (a truthy ``noise`` field)."""
-    return [row for r in results for row in r.rows if row.get("noise")]
+def flagged_rows(results: Sequence[SuiteResult], flag: str) -> list[dict]:
+    """Rows whose ``flag`` field is set: ``"noise"`` (a suite found the spread too wide or the growth impossible)
+    or ``"slow_layout"`` (a layout sweep found a shape cliff, see ``semanticgen.timing.flag_slow_layouts``)."""
+    return [row for r in results for row in r.rows if row.get(flag)]
 
 
 def noise_warning(results: Sequence[SuiteResult]) -> str | None:
     """One line saying how many figures are unreliable and what to do, or None when none is flagged."""
-    flagged = noisy_rows(results)
+    flagged = flagged_rows(results, "noise")
     if not flagged:
         return None
     suites = sorted({row.get("suite", "?") for row in flagged})
@@ -177,16 +178,11 @@ def noise_warning(results: Sequence[SuiteResult]) -> str | None:
     )
 
 
-def slow_layout_rows(results: Sequence[SuiteResult]) -> list[dict]:
-    """Rows a layout sweep flagged (a truthy ``slow_layout`` field, see ``semanticgen.timing.flag_slow_layouts``)."""
-    return [row for r in results for row in r.rows if row.get("slow_layout")]
-
-
 def slow_layout_warning(results: Sequence[SuiteResult]) -> str | None:
     """One line naming the ops whose speed depends on the layout of the same data, or None when none does."""
     from semanticgen.timing import LAYOUT_BOUND
 
-    flagged = slow_layout_rows(results)
+    flagged = flagged_rows(results, "slow_layout")
     if not flagged:
         return None
     names = sorted({f"{row.get('op', '?')} {row.get('impl', '')} {row.get('shape', '')}".strip() for row in flagged})
@@ -265,12 +261,12 @@ def write_results(
         "suite_seconds": {r.name: r.seconds for r in results if r.seconds is not None},
         "noise": {
             "spread_bound": SPREAD_BOUND,
-            "flagged_rows": len(noisy_rows(results)),
+            "flagged_rows": len(flagged_rows(results, "noise")),
             "warning": noise_warning(results),
         },
         "layout": {
             "bound": LAYOUT_BOUND,
-            "flagged_rows": len(slow_layout_rows(results)),
+            "flagged_rows": len(flagged_rows(results, "slow_layout")),
             "warning": slow_layout_warning(results),
         },
         "rows": rows,

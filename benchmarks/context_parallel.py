@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from semanticgen._procstatus import proc_status_field
 from semanticgen.timing import NullProgress
 
 
@@ -131,13 +132,9 @@ def _max_rss_mb() -> float:
     reported the parent's peak (about 2 GB after the attention suites) and the steps appeared to add nothing.
     ``VmHWM`` belongs to the process's own address space, which exec replaces.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
+    peak = proc_status_field("VmHWM")  # "123456 kB"
+    if peak is not None:
+        return int(peak.split()[0]) / 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024
 

@@ -6,7 +6,8 @@ directory, a crash mid-write) never sees half a file. safetensors creates its fi
 umask; on a cluster where a run directory is shared with a team that hides every checkpoint from everyone but the
 trainer, so the mode is set back to what ``open()`` would have given (``0666`` less the umask) before the rename.
 
-This module imports nothing from ``semanticgen``, so any layer can use it.
+This module imports nothing from ``semanticgen`` but :mod:`semanticgen._procstatus` (which imports nothing), so any
+layer can use it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from semanticgen._procstatus import proc_status_field
 
 __all__ = ["META_KEY", "default_file_mode", "save_safetensors_atomic"]
 
@@ -28,13 +31,9 @@ def default_file_mode() -> int:
     leaves the process with umask 0 for a moment, and a file another thread creates then (a data-loader thread,
     a checkpoint writer) would be world-writable.
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
+    umask = proc_status_field("Umask")
+    if umask is not None:
+        return 0o666 & ~int(umask, 8)
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask

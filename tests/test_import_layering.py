@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, frozenset[str]]] = [
                 "_checks",
                 "_extension",
                 "_files",
+                "_procstatus",
                 "checkpoint_layout",
                 "environment",
                 "errors",

@@ -76,6 +76,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "CUDA devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "extension semanticgen._C": "loaded" if extension_error() is None else f"MISSING: {extension_error()}",
         "extension CUDA archs": ", ".join(built_cuda_archs()) or "none (built without CUDA)",
+        "CPU flow kernels": _cpu_kernels(),
     }
     compiled_ops = {}
     if extension_error() is None:
@@ -114,15 +115,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_kernels() -> str:
+    """The CPU flow kernels' variant and why it is the one: ``"avx512 (chosen from the CPU's features)"``,
+    ``"avx2 (forced by SEMANTICGEN_CPU_CAPABILITY=avx2)"``, or the error a bad value of that variable gives."""
+    import os
+
+    from semanticgen.environment import cpu_kernel_variant
+
+    variant = cpu_kernel_variant()
+    if variant is None:
+        return "none (semanticgen._C not loaded)"
+    if variant.startswith("error: "):  # the message names the variable and its value
+        return variant
+    forced = os.environ.get("SEMANTICGEN_CPU_CAPABILITY")  # _C takes an empty value as unset, so does this
+    if forced:
+        return f"{variant} (forced by SEMANTICGEN_CPU_CAPABILITY={forced})"
+    return f"{variant} (chosen from the CPU's features)"
+
+
 def _compiled_op_names() -> list[str]:
-    """Operators declared by ``semanticgen._C`` (the ``TORCH_LIBRARY`` block)."""
+    """Operators declared by ``semanticgen._C`` (the ``TORCH_LIBRARY`` block) that run kernels: not the ones
+    without arguments (``build_info``, ``cpu_capability``), which answer questions about the build and the CPU
+    and have rows of their own."""
     import torch
 
     names = []
     for schema in torch._C._jit_get_all_schemas():
-        if schema.name.startswith("semanticgen::"):
+        if schema.name.startswith("semanticgen::") and schema.arguments:
             name = schema.name.split("::", 1)[1]
-            if name != "build_info" and name not in names:
+            if name not in names:
                 names.append(name)
     return sorted(names)
 

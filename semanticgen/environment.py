@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["environment", "cpu_model", "git_commit"]
+__all__ = ["environment", "cpu_model", "cpu_kernel_variant", "git_commit"]
 
 
 def cpu_model() -> str:
@@ -64,23 +64,31 @@ def _triton_version() -> str | None:
     return triton.__version__
 
 
+def cpu_kernel_variant() -> str | None:
+    """The variant of the CPU flow kernels this process runs, ``"avx2"`` or ``"avx512"``; ``"error: <why>"`` when
+    ``SEMANTICGEN_CPU_CAPABILITY`` names one this CPU or build cannot run (a report still gets written), ``None``
+    when ``semanticgen._C`` did not load."""
+    from semanticgen._extension import cpu_capability
+
+    try:
+        return cpu_capability()
+    except RuntimeError as exc:
+        return f"error: {exc}"
+
+
 def _extension() -> dict[str, str | None]:
     """Whether ``semanticgen._C`` loaded, what it was built with and which CPU kernel variant it runs."""
-    from semanticgen._extension import built_cuda_archs, cpu_capability, extension_error
+    from semanticgen._extension import built_cuda_archs, extension_error
 
     error = extension_error()
     if error is not None:
         missing = {"extension_build": None, "extension_cuda_archs": None, "cpu_capability": None}
         return {"extension": f"MISSING: {error}", **missing}
-    try:
-        capability = cpu_capability()
-    except RuntimeError as exc:  # SEMANTICGEN_CPU_CAPABILITY names a variant this CPU cannot run
-        capability = f"error: {exc}"
     return {
         "extension": "loaded",
         "extension_build": torch.ops.semanticgen.build_info(),  # "cuda=8.0;9.0a", or "cuda=" for a CPU-only build
         "extension_cuda_archs": ";".join(built_cuda_archs()),  # "" when built without CUDA
-        "cpu_capability": capability,
+        "cpu_capability": cpu_kernel_variant(),
     }
 
 

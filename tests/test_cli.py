@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
 import types
@@ -24,6 +26,46 @@ def test_info_json(capsys):
     assert info["extension semanticgen._C"] == "loaded"
     assert info["swin_attention_backends"]["cpu"]["cpu"] == "available"
     assert "CPU" in info["compiled_ops"]["cfg_euler_step"]
+
+
+@pytest.mark.usefixtures("compiled_ops")
+def test_info_table_lists_kernel_ops_not_queries_of_the_build(capsys):
+    """``cpu_capability`` (like ``build_info``) is a question to ``_C``, not a flow op: it used to be listed as
+    ``op cpu_capability | no kernel``. The variant it answers has a row of its own."""
+    assert main(["info"]) == 0
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in capsys.readouterr().out.splitlines()
+        if line.count("│") == 3
+    }
+    assert "op cpu_capability" not in rows and "op build_info" not in rows
+    assert rows["op euler_step"].startswith("CPU")
+    assert re.fullmatch(
+        r"(avx2|avx512) \((chosen from the CPU's features|forced by SEMANTICGEN_CPU_CAPABILITY=\w+)\)",
+        rows["CPU flow kernels"],
+    )
+
+
+@pytest.mark.usefixtures("compiled_ops")
+@pytest.mark.parametrize("forced", [None, "avx2"], ids=["detected", "forced-avx2"])
+def test_info_says_which_cpu_kernels_run_and_why(forced):
+    env = {k: v for k, v in os.environ.items() if k != "SEMANTICGEN_CPU_CAPABILITY"}
+    if forced:
+        env["SEMANTICGEN_CPU_CAPABILITY"] = forced
+    proc = subprocess.run(
+        [sys.executable, "-m", "semanticgen.cli", "info", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    if forced:
+        assert info["CPU flow kernels"] == "avx2 (forced by SEMANTICGEN_CPU_CAPABILITY=avx2)"
+    else:
+        assert re.fullmatch(r"(avx2|avx512) \(chosen from the CPU's features\)", info["CPU flow kernels"])
+    assert "cpu_capability" not in info["compiled_ops"] and "euler_step" in info["compiled_ops"]
 
 
 def test_plan_json_matches_layout_maths(capsys):

@@ -165,8 +165,16 @@ def test_training_config_bug_keeps_its_traceback(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("model.latent_generator.window=2.5", "[model]: LatentGenerator: window must be a positive int, got 2.5"),
-        ("model.semantic_generator.qk_norm=1", "[model]: SemanticGenerator: qk_norm must be a bool, got 1"),
+        (
+            "model.latent_generator.window=2.5",
+            "--set model.latent_generator.window=2.5: [model.latent_generator]: "
+            "LatentGenerator: window must be a positive int, got 2.5",
+        ),
+        (
+            "model.semantic_generator.qk_norm=1",
+            "--set model.semantic_generator.qk_norm=1: [model.semantic_generator]: "
+            "SemanticGenerator: qk_norm must be a bool, got 1",
+        ),
         ("encoders.vae.hidden=-3", "[encoders]: LearnedVideoAE: hidden must be a positive int, got -3"),
     ],
     ids=["model-window", "model-bool", "encoders"],

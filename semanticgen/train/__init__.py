@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from .config import ConfigSources
 
     # The flags' own checks first, so an error names the flag rather than the config key it sets.
     for flag, value, minimum in (
@@ -97,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("log.progress=false")
     if args.context_parallel is not None:
         overrides.append(f"parallel.context_parallel={args.context_parallel}")
-    cfg = load_config(args.config, overrides)  # a UsageError naming the file or the --set at fault
+    sources = ConfigSources.read(args.config, overrides)
+    cfg = sources.load()  # a UsageError naming the file or the --set at fault
     if args.run_dir is not None:
         cfg.run_dir = args.run_dir
 
@@ -105,6 +106,6 @@ def _train(args: argparse.Namespace) -> int:
     from .loop import train
 
     try:
-        return train(cfg, run_dir=cfg.run_dir, stop_step=args.steps, resume=args.resume)
+        return train(cfg, run_dir=cfg.run_dir, stop_step=args.steps, resume=args.resume, sources=sources)
     finally:
         shutdown_distributed()

@@ -10,7 +10,9 @@ must be an integer, got 'x'``) or the override that made it (``--set seed=x: ...
 
 Model tables (``[model.latent_generator]`` etc.) are passed as keyword arguments to that model's nested ``Config``
 dataclass, and encoder tables (``[encoders.vae]`` etc.) to ``semanticgen.encoders.build_*``; both are checked by
-those constructors when the model is built.
+those constructors, which need what the data and the encoders fix (widths), so training checks them later, before
+its first step. :class:`ConfigSources` keeps the raw config after the file and after each ``--set``, so those later
+checks name where the mistake is as :func:`load_config` does (:meth:`ConfigSources.check`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ import copy
 import dataclasses
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from semanticgen._checks import check_number, is_int, is_real
 from semanticgen.errors import UsageError
@@ -32,6 +35,10 @@ else:  # pragma: no cover - exercised only on Python 3.10
     import tomli as tomllib
 
 STAGES = ("latent", "semantic", "both")
+MODEL_TABLES = ("latent_generator", "semantic_generator", "compressor")
+ENCODER_TABLES = ("vae", "semantic", "text")
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -251,12 +258,8 @@ class TrainConfig:
             raise UsageError(f"checkpoint.keep_last must be >= 1, got {self.checkpoint.keep_last}")
         if self.checkpoint.save_every < 1:
             raise UsageError(f"checkpoint.save_every must be >= 1, got {self.checkpoint.save_every}")
-        unknown = set(self.model) - {"latent_generator", "semantic_generator", "compressor"}
-        if unknown:
-            raise UsageError(f"unknown config key 'model.{sorted(unknown)[0]}'")
-        unknown = set(self.encoders) - {"vae", "semantic", "text"}
-        if unknown:
-            raise UsageError(f"unknown config key 'encoders.{sorted(unknown)[0]}'")
+        config_tables("model", self.model, MODEL_TABLES)
+        config_tables("encoders", self.encoders, ENCODER_TABLES)
 
     def stage_list(self) -> list[str]:
         """The stages this run trains, in order."""
@@ -264,6 +267,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def config_tables(section: str, value: object, known: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``value``, the ``section`` of a config that holds named tables (``[model.<name>]``, ``[encoders.<name>]``),
+    once checked: a :class:`~semanticgen.errors.UsageError` names a ``<name>`` not in ``known`` or a value that is
+    not a table (which used to reach the model code and fail there with a traceback)."""
+    if not isinstance(value, dict):
+        raise UsageError(f"config key '{section}' must be a table, got {type(value).__name__}")
+    for name in sorted(value):
+        if name not in known:
+            raise UsageError(f"unknown config key '{section}.{name}' (known keys of [{section}]: {', '.join(known)})")
+        if not isinstance(value[name], dict):
+            raise UsageError(f"config key '{section}.{name}' must be a table, got {value[name]!r}")
+    return value
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -383,22 +400,63 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainCo
             mistake is: ``path`` when the file alone has it, else ``--set key=value`` for the first override after
             which the config has it (an override can also repair the file, or clash with it).
     """
-    raw = read_config_file(path)  # its errors name the file already
-    sources: list[tuple[str, dict[str, Any]]] = [(str(path), raw)]
-    for text in overrides or []:
-        sources.append((f"--set {text}", apply_overrides(sources[-1][1], [text])))  # its errors name the --set
-    try:
-        return config_from_dict(sources[-1][1])
-    except UsageError as exc:
-        error = str(exc)
-    source = next(name for name, data in sources if _config_error(data) == error)  # the last one at the latest
-    raise UsageError(f"{source}: {error}")
+    return ConfigSources.read(path, overrides).load()
 
 
-def _config_error(data: dict[str, Any]) -> str | None:
-    """The message of the :class:`UsageError` that building a config from ``data`` raises, or ``None``."""
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where a config comes from: ``(name, raw)`` for the file, then for each ``--set`` in order, ``raw`` being
+    the config as read (a dict of TOML values) after that source. Keeps the sources so that a check run later
+    (the ``[model]`` tables once the encoders' widths are known) names where its mistake is, as
+    :func:`load_config` does.
+
+    Example:
+        >>> sources = ConfigSources.read("configs/tiny.toml", ["seed=x"])
+        >>> sources.load()
+        Traceback (most recent call last):
+        ...
+        semanticgen.errors.UsageError: --set seed=x: config key 'seed' must be an integer, got 'x'
+    """
+
+    steps: tuple[tuple[str, dict[str, Any]], ...]
+
+    @classmethod
+    def read(cls, path: str | Path, overrides: list[str] | None = None) -> ConfigSources:
+        """The file at ``path``, then each ``key=value`` of ``overrides`` (a :class:`UsageError` naming the file
+        when it cannot be read, or the ``--set`` that cannot be applied)."""
+        steps = [(str(path), read_config_file(path))]
+        for text in overrides or []:
+            steps.append((f"--set {text}", apply_overrides(steps[-1][1], [text])))
+        return cls(tuple(steps))
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> ConfigSources:
+        """A config built in code: one source without a name, so errors name none."""
+        return cls((("", cfg.to_dict()),))
+
+    def load(self) -> TrainConfig:
+        """The checked :class:`TrainConfig` of the last source (see :func:`load_config`)."""
+        return self.check(config_from_dict)
+
+    def check(self, check: Callable[[dict[str, Any]], _T]) -> _T:
+        """``check(raw)`` of the config after the last source, and what it returns.
+
+        A :class:`UsageError` it raises is raised again with where the mistake is in front: the first source after
+        which ``check`` raises the same message (the file when it alone has the mistake, else the ``--set`` that
+        made it). ``check`` must not change ``raw``; any other exception (a bug) keeps its traceback.
+        """
+        try:
+            return check(self.steps[-1][1])
+        except UsageError as exc:
+            error = str(exc)
+        source = next(name for name, raw in self.steps if _usage_error(check, raw) == error)  # the last at the latest
+        raise UsageError(f"{source}: {error}" if source else error)
+
+
+def _usage_error(check: Callable[[dict[str, Any]], Any], raw: dict[str, Any]) -> str | None:
+    """The message of the :class:`UsageError` that ``check(raw)`` raises, or ``None``."""
     try:
-        config_from_dict(data)
+        check(raw)
     except UsageError as exc:
         return str(exc)
     return None

@@ -36,14 +36,14 @@ from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
 
 from .autoencoder import VAE_FILE, run_encoders, train_run_autoencoder
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import MODEL_TABLES, ConfigSources, TrainConfig, config_tables
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, init_distributed, join_process_group
 from .export import full_state_dict
 from .metrics import MetricsWriter, Progress, peak_memory_mb
 from .optim import build_optimizer, build_scheduler, clip_grad_norm
 from .semantic_norm import measure_semantic_norm
 from .sharding import InitUnit, check_loaded, init_units, load_full_state, materialize, set_gradient_sync, shard_model
-from .stages import DataWidths, build_models, build_stage, init_from_paths, model_configs_from_tables
+from .stages import MODELS, DataWidths, build_models, build_stage, init_from_paths, model_configs_from_tables
 
 logger = logging.getLogger(__name__)
 
@@ -344,15 +344,27 @@ def _check_shard_encoders(used: dict, configured: dict) -> None:
                 )
 
 
-def check_model_tables(cfg: TrainConfig, widths: DataWidths) -> None:
-    """Build the three models on the meta device (no storage, no initialisation) so a bad value in a
-    ``[model.*]`` table is a one-line usage error before anything runs, not a traceback after the autoencoder
-    stage has trained."""
+def check_model_tables(raw: dict[str, Any], widths: DataWidths) -> None:
+    """Build each model of the ``[model.*]`` tables of ``raw`` (a config as read) once, on the meta device (no
+    storage, no initialisation), so that a bad value is a one-line :class:`UsageError` naming the table before
+    anything runs, not a traceback after the autoencoder stage has trained.
+
+    Takes the config as read, not a :class:`TrainConfig`, so that :meth:`ConfigSources.check` can run it on the
+    config after each source and name the file or the ``--set`` at fault.
+    """
+    tables = config_tables("model", raw.get("model", {}), MODEL_TABLES)
     try:
-        with torch.device("meta"):
-            build_models(cfg.model, widths)
-    except (ValueError, TypeError) as e:
+        configs = model_configs_from_tables(tables, widths)  # its UsageErrors name model.<name>.<key>
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as e:  # init_from: a directory that holds no Wan checkpoint
         raise UsageError(f"[model]: {e}") from e
+    for name, config in configs.items():
+        try:
+            with torch.device("meta"):
+                MODELS[name](config)
+        except (ValueError, TypeError) as e:  # the model's checks of its Config ("LatentGenerator: depth must ...")
+            raise UsageError(f"[model.{name}]: {e}") from e
 
 
 def check_context_parallel(cfg: TrainConfig, widths: DataWidths, latent_frames: int) -> None:
@@ -373,13 +385,20 @@ def check_context_parallel(cfg: TrainConfig, widths: DataWidths, latent_frames: 
 
 
 def train(
-    cfg: TrainConfig, *, run_dir: str | Path, stop_step: int | None = None, resume: str | bool | None = None
+    cfg: TrainConfig,
+    *,
+    run_dir: str | Path,
+    stop_step: int | None = None,
+    resume: str | bool | None = None,
+    sources: ConfigSources | None = None,
 ) -> int:
     """Run the configured stages. ``resume``: ``True`` for the newest checkpoint in ``run_dir``, a path, or None.
 
     Every check of the config, the data and the launch (context parallelism included) happens before anything is
-    written to ``run_dir``.
+    written to ``run_dir``. ``sources``: where ``cfg`` was read from; the checks that need the encoders (the
+    ``[model]`` tables) then name the file or the ``--set`` at fault, as the config's own checks do.
     """
+    sources = sources or ConfigSources.of(cfg)
     # Join the process group first: building and running the encoders (the null text) before joining it made a
     # rank abort at exit about once in ten 2-rank runs here ("terminate called without an active exception",
     # after training had finished); joined first, 58 runs in a row exited cleanly. Then the data (on the CPU),
@@ -407,7 +426,7 @@ def train(
             latent_frames = encoders.vae.latent_frames(cfg.data.vae_frames)
         except ValueError as e:  # a clip length the VAE cannot encode
             raise UsageError(f"data.vae_frames: {e}") from e
-    check_model_tables(cfg, widths)
+    sources.check(lambda raw: check_model_tables(raw, widths))
     check_context_parallel(cfg, widths, latent_frames)
 
     info = init_distributed(cfg.parallel.context_parallel)

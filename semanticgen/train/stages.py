@@ -150,16 +150,13 @@ def model_configs_from_tables(model_tables: dict[str, dict[str, Any]], widths: D
     return {"compressor": comp_cfg, "semantic_generator": sem_cfg, "latent_generator": lat_cfg}
 
 
+MODELS = {"compressor": SemanticCompressor, **GENERATORS}  # [model.<name>] -> the model its table configures
+
+
 def build_models(model_tables: dict[str, dict[str, Any]], widths: DataWidths) -> dict[str, nn.Module]:
     """All three models (see :func:`model_configs_from_tables`), on the current default device (``meta`` inside
     ``with torch.device("meta")``: no storage, see :func:`~semanticgen.train.sharding.materialize`)."""
-    configs = model_configs_from_tables(model_tables, widths)
-    comp_cfg, sem_cfg, lat_cfg = configs["compressor"], configs["semantic_generator"], configs["latent_generator"]
-    return {
-        "compressor": SemanticCompressor(comp_cfg),
-        "semantic_generator": SemanticGenerator(sem_cfg),
-        "latent_generator": LatentGenerator(lat_cfg),
-    }
+    return {name: MODELS[name](config) for name, config in model_configs_from_tables(model_tables, widths).items()}
 
 
 def build_stage(name: str, models: dict[str, nn.Module], cfg: StageConfig, seed: int, null_text) -> _Stage:

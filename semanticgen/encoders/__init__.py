@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .factory import build_semantic_encoder, build_text_encoder, build_vae
+from .factory import build_semantic_encoder, build_text_encoder, build_vae, check_encoder_paths
 from .learned_vae import LearnedVideoAE, run_vae_spec
 from .pixel import PixelSemanticEncoder, PixelVAE
 from .protocols import SemanticEncoder, TextEncoder, VideoVAE, check_video
@@ -32,6 +32,7 @@ __all__ = [
     "build_vae",
     "build_semantic_encoder",
     "build_text_encoder",
+    "check_encoder_paths",
     *_LAZY,
 ]
 

@@ -33,6 +33,7 @@ __all__ = ["LearnedVAEConfig", "LearnedVideoAE", "VAE_FILE", "run_vae_spec"]
 
 VAE_FILE = "vae.safetensors"  # the learned VAE's file in a run directory
 FORMAT = "semanticgen.learned_vae"  # the metadata's "format": tells a VAE file from a model export
+_WRITTEN_BY = f"a run's autoencoder stage writes RUN_DIR/{VAE_FILE}"  # where the file comes from, for errors
 
 
 @dataclass
@@ -276,13 +277,9 @@ class LearnedVideoAE(nn.Module):
             FileNotFoundError: nothing at ``path``.
             ValueError: not a safetensors file, not a learned VAE's, or an architecture other than the one asked.
         """
-        path = Path(path)
-        if path.is_dir():
-            path = path / VAE_FILE
+        path = _vae_file(path)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"LearnedVideoAE: {str(path)!r} not found (a run's autoencoder stage writes RUN_DIR/{VAE_FILE})"
-            )
+            raise FileNotFoundError(f"LearnedVideoAE: {str(path)!r} not found ({_WRITTEN_BY})")
         tensors, meta = _read(path)
         try:
             config = LearnedVAEConfig(**meta["config"])
@@ -304,6 +301,21 @@ class LearnedVideoAE(nn.Module):
                 f"unexpected {sorted(unexpected)[:3]}"
             )
         return ae.eval().requires_grad_(False)
+
+    @staticmethod
+    def checkpoint_problem(path: str | os.PathLike) -> str | None:
+        """What keeps :meth:`from_pretrained` from loading ``path``, or ``None``: a file, or a directory holding
+        ``vae.safetensors``. Whether the file is a learned VAE's is :meth:`from_pretrained`'s to say."""
+        file = _vae_file(path)
+        if file.is_file():
+            return None
+        return f"no {VAE_FILE} in it ({_WRITTEN_BY})" if Path(path).is_dir() else f"no such file ({_WRITTEN_BY})"
+
+
+def _vae_file(path: str | os.PathLike) -> Path:
+    """The file a learned VAE is read from: ``path``, or ``path/vae.safetensors`` when it is a directory."""
+    path = Path(path)
+    return path / VAE_FILE if path.is_dir() else path
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

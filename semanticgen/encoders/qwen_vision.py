@@ -24,6 +24,7 @@ from torch import nn
 
 from semanticgen._checks import check_int
 
+from .checkpoint_files import directory_problem, missing_one_of
 from .protocols import check_video
 
 __all__ = ["QwenVisionEncoder", "load_vision_state_dict", "VISION_PREFIXES", "CLIP_MEAN", "CLIP_STD"]
@@ -214,6 +215,17 @@ class QwenVisionEncoder(nn.Module):
         encoder = cls(model.to(device), mean=mean, std=std, batch_chunk=batch_chunk)
         encoder.normalisation_source = source
         return encoder
+
+    @staticmethod
+    def checkpoint_problem(path: str | os.PathLike) -> str | None:
+        """What keeps :meth:`from_pretrained` from loading ``path`` (``"no config.json in it"``), or ``None``: a
+        directory with ``config.json`` and ``model.safetensors`` or its shards' index. Whether the config is a
+        Qwen2.5-VL's is :meth:`from_pretrained`'s to say (it needs ``transformers`` to read it)."""
+        return (
+            directory_problem(path)
+            or missing_one_of(path, ("config.json",))
+            or missing_one_of(path, ("model.safetensors", "model.safetensors.index.json"), "weights")
+        )
 
     @property
     def device(self) -> torch.device:

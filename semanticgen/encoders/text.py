@@ -17,6 +17,8 @@ from torch import nn
 
 from semanticgen._checks import check_int
 
+from .checkpoint_files import directory_problem, missing_one_of
+
 __all__ = ["HashTextEncoder", "HFTextEncoder"]
 
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -107,6 +109,20 @@ class HashTextEncoder(nn.Module):
         return self.encode(prompts)
 
 
+# What transformers' from_pretrained reads: one file, or an index of shards.
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Files a saved tokenizer leaves: its config and fast tokenizer, or the vocabulary a slow one reads (T5 and umT5's
+# spiece.model, BERT's vocab.txt, ...). A diffusers pipeline keeps them in tokenizer/, apart from text_encoder/.
+_HF_TOKENIZER = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+)
+
 # Encoder-decoder families whose encoder half has its own class, so the decoder's weights are never loaded.
 _ENCODER_ONLY_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}
 
@@ -166,6 +182,17 @@ class HFTextEncoder(nn.Module):
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = model_cls.from_pretrained(path, local_files_only=True, dtype=dtype).to(device)
         return cls(tokenizer, model, max_len=max_len)
+
+    @staticmethod
+    def checkpoint_problem(path: str | os.PathLike) -> str | None:
+        """What keeps :meth:`from_pretrained` from loading ``path`` (``"no config.json in it"``), or ``None``: a
+        directory with the model's ``config.json``, its weights and its tokenizer's files."""
+        return (
+            directory_problem(path)
+            or missing_one_of(path, ("config.json",))
+            or missing_one_of(path, _HF_WEIGHTS, "weights")
+            or missing_one_of(path, _HF_TOKENIZER, "tokenizer files")
+        )
 
     @property
     def device(self) -> torch.device:

@@ -7,14 +7,34 @@ pipeline does, so the generators see roughly unit-variance latents.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from torch import nn
 
+from .checkpoint_files import directory_problem, missing_one_of
 from .protocols import check_video
 
 __all__ = ["WanVAE"]
+
+_CLASS_NAME = "AutoencoderKLWan"
+# What diffusers' from_pretrained reads without a `variant`: one file, or an index of shards.
+_WEIGHTS = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.bin.index.json",
+)
+
+
+def _config_subfolder(path: str, subfolder: str | None) -> str | None:
+    """Where under ``path`` the VAE's ``config.json`` is: ``subfolder`` when given, else ``""`` (the VAE's own
+    directory) or ``"vae"`` (a pipeline's); ``None`` when it is not there."""
+    for candidate in (subfolder,) if subfolder is not None else ("", "vae"):
+        if os.path.isfile(os.path.join(path, candidate, "config.json")):
+            return candidate
+    return None
 
 
 class WanVAE(nn.Module):
@@ -66,17 +86,42 @@ class WanVAE(nn.Module):
         except ImportError as exc:
             raise ImportError("WanVAE needs diffusers: pip install 'semanticgen[vae]'") from exc
         path = os.fspath(path)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"WanVAE.from_pretrained: {path!r} is not a directory")
-        if subfolder is None and not os.path.isfile(os.path.join(path, "config.json")):
-            if os.path.isfile(os.path.join(path, "vae", "config.json")):
-                subfolder = "vae"
-            else:
-                raise FileNotFoundError(f"WanVAE.from_pretrained: no config.json in {path!r} or its vae/ folder")
+        problem = cls.checkpoint_problem(path, subfolder=subfolder)
+        if problem is not None:
+            raise FileNotFoundError(f"WanVAE.from_pretrained: {path!r}: {problem}")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, local_files_only=True)
+        vae = AutoencoderKLWan.from_pretrained(
+            path, subfolder=_config_subfolder(path, subfolder) or None, torch_dtype=dtype, local_files_only=True
+        )
         return cls(vae.to(device), sample=sample)
+
+    @staticmethod
+    def checkpoint_problem(path: str | os.PathLike, *, subfolder: str | None = None) -> str | None:
+        """What keeps :meth:`from_pretrained` from loading ``path`` (``"no config.json in it or its vae/
+        folder"``), or ``None``: a directory whose ``config.json`` (in ``subfolder``, or found as there) is an
+        ``AutoencoderKLWan``'s, with the weights next to it. Reads that one small file, nothing else."""
+        path = os.fspath(path)
+        problem = directory_problem(path)
+        if problem is not None:
+            return problem
+        found = _config_subfolder(path, subfolder)
+        if found is None:
+            where = f"its {subfolder}/ folder" if subfolder is not None else "it or its vae/ folder"
+            return f"no config.json in {where} (expected a diffusers {_CLASS_NAME} directory, or a pipeline's)"
+        folder = os.path.join(path, found)
+        config_file = os.path.join(folder, "config.json")
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            config = None
+        if not isinstance(config, dict):
+            return f"{config_file} is not a diffusers config (a JSON object)"
+        class_name = config.get("_class_name", _CLASS_NAME)
+        if class_name != _CLASS_NAME:  # e.g. a pipeline's transformer/ folder
+            return f"{config_file} is a {class_name}'s, not an {_CLASS_NAME}'s"
+        return missing_one_of(folder, _WEIGHTS, "weights")
 
     @property
     def device(self) -> torch.device:

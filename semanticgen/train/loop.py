@@ -20,6 +20,7 @@ from torch import nn
 
 from semanticgen.checkpoint_layout import CheckpointInfo, list_checkpoints, resolve_checkpoint
 from semanticgen.data import Encoders, MicroBatchStream, ShardDataset, build_dataset
+from semanticgen.encoders import check_encoder_paths
 from semanticgen.errors import UsageError
 from semanticgen.exports import (
     STAGE_MODULES,
@@ -36,7 +37,7 @@ from semanticgen.parallel import COMM_COUNTER, ContextGroup, ContextPlan
 
 from .autoencoder import VAE_FILE, run_encoders, train_run_autoencoder
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
-from .config import MODEL_TABLES, ConfigSources, TrainConfig, config_tables
+from .config import ENCODER_TABLES, MODEL_TABLES, ConfigSources, TrainConfig, config_tables
 from .distributed import DistInfo, all_reduce_mean, barrier, broadcast_object, init_distributed, join_process_group
 from .export import full_state_dict
 from .metrics import MetricsWriter, Progress, peak_memory_mb
@@ -367,6 +368,13 @@ def check_model_tables(raw: dict[str, Any], widths: DataWidths) -> None:
             raise UsageError(f"[model.{name}]: {e}") from e
 
 
+def check_encoder_tables(raw: dict[str, Any]) -> None:
+    """The checkpoints the ``[encoders.*]`` tables of ``raw`` (a config as read) point at: a one-line
+    :class:`UsageError` naming the key and the path when one is missing or lacks the files its loader reads.
+    On the config as read, for :meth:`ConfigSources.check`, as :func:`check_model_tables`."""
+    check_encoder_paths(config_tables("encoders", raw.get("encoders", {}), ENCODER_TABLES))
+
+
 def check_context_parallel(cfg: TrainConfig, widths: DataWidths, latent_frames: int) -> None:
     """Refuse (``UsageError``, naming the numbers) a latent stage whose clips have fewer unshifted windows than
     ``parallel.context_parallel`` ranks. Only the time axis decides the windows, so no model is built."""
@@ -399,6 +407,9 @@ def train(
     ``[model]`` tables) then name the file or the ``--set`` at fault, as the config's own checks do.
     """
     sources = sources or ConfigSources.of(cfg)
+    if cfg.data.kind != "shards":  # shards hold what the encoders made: a run on them loads no encoder
+        # Before any rank does work: a checkpoint path that is wrong used to fail inside transformers or diffusers.
+        sources.check(check_encoder_tables)
     # Join the process group first: building and running the encoders (the null text) before joining it made a
     # rank abort at exit about once in ten 2-rank runs here ("terminate called without an active exception",
     # after training had finished); joined first, 58 runs in a row exited cleanly. Then the data (on the CPU),

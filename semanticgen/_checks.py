@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["check_bool", "check_int", "check_number", "is_int", "is_real"]
+__all__ = ["as_dtype", "check_bool", "check_int", "check_number", "is_int", "is_real"]
 
 
 def is_int(value: object) -> bool:
@@ -144,3 +144,39 @@ def check_bool(name: str, value: object, *, who: str | None = None, error: type[
     if not isinstance(value, bool):
         raise _error(error, who, name, "a bool", "", False, value, with_type=True)
     return value
+
+
+# Floating dtypes a config may name, by torch's names and the usual short ones.
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "float64": "float64",
+    "fp64": "float64",
+    "double": "float64",
+}
+
+
+def as_dtype(name: str, value: object, *, who: str | None = None):
+    """A ``torch.dtype`` from a floating ``torch.dtype`` or its name (``"bfloat16"``, ``"bf16"``, ...).
+
+    Anything else is a ``ValueError`` (an unknown name) or ``TypeError`` (another type) listing the names accepted.
+    """
+    import torch  # here, not at the top: this module stays importable without torch
+
+    names = ", ".join(sorted(_DTYPE_NAMES))
+    if isinstance(value, torch.dtype):
+        if not value.is_floating_point:
+            raise ValueError(f"{_prefix(who)}{name} must be a floating dtype, got {value}")
+        return value
+    if isinstance(value, str):
+        key = value.removeprefix("torch.").lower()
+        if key not in _DTYPE_NAMES:
+            raise ValueError(f"{_prefix(who)}{name} must be one of {names}, got {value!r}")
+        return getattr(torch, _DTYPE_NAMES[key])
+    raise TypeError(f"{_prefix(who)}{name} must be a torch.dtype or one of {names}, got {type(value).__name__}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from semanticgen._checks import check_bool, check_int, check_number, is_int, is_real
+from semanticgen._checks import as_dtype, check_bool, check_int, check_number, is_int, is_real
 from semanticgen.errors import UsageError
 
 
@@ -83,3 +84,31 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(checks)
     assert result.attempted == 2 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (torch.bfloat16, torch.bfloat16),
+        ("bfloat16", torch.bfloat16),
+        ("bf16", torch.bfloat16),
+        ("torch.float16", torch.float16),
+        ("FP32", torch.float32),
+        ("double", torch.float64),
+    ],
+)
+def test_as_dtype_accepts_dtypes_and_their_names(value, expected):
+    assert as_dtype("dtype", value) is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ("bf17", ValueError, r"Loader: dtype must be one of .*bf16.*got 'bf17'"),
+        (torch.int8, ValueError, "must be a floating dtype, got torch.int8"),
+        (16, TypeError, "must be a torch.dtype or one of .*, got int"),
+    ],
+)
+def test_as_dtype_rejects_what_is_no_floating_dtype(value, error, match):
+    with pytest.raises(error, match=match):
+        as_dtype("dtype", value, who="Loader")

@@ -221,3 +221,9 @@ def test_rejects_missing_or_wrong_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="not a Qwen2.5-VL checkpoint"):
         QwenVisionEncoder.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_rejects_an_unknown_dtype_name(checkpoint):
+    with pytest.raises(ValueError, match=r"QwenVisionEncoder.from_pretrained: dtype must be one of .*got 'bf17'"):
+        QwenVisionEncoder.from_pretrained(checkpoint, dtype="bf17")
+    assert QwenVisionEncoder.from_pretrained(checkpoint, dtype="bf16").dtype == torch.bfloat16

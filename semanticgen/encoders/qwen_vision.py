@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from semanticgen._checks import check_int
+from semanticgen._checks import as_dtype, check_int
 
 from .checkpoint_files import directory_problem, missing_one_of
 from .protocols import check_video
@@ -196,12 +196,11 @@ class QwenVisionEncoder(nn.Module):
                 f"QwenVisionEncoder: {path!r} is not a Qwen2.5-VL checkpoint "
                 f"(config model_type {getattr(config, 'model_type', None)!r} has no qwen2_5_vl vision_config)"
             )
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        if dtype is not None:
+            dtype = as_dtype("dtype", dtype, who="QwenVisionEncoder.from_pretrained")
         if dtype is None:
             dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-            if isinstance(dtype, str):
-                dtype = getattr(torch, dtype)
+            dtype = as_dtype("the checkpoint config's dtype", dtype, who="QwenVisionEncoder.from_pretrained")
         state = load_vision_state_dict(path)
         with _default_dtype(dtype), _no_init():
             model = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=dtype)

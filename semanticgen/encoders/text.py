@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from semanticgen._checks import check_int
+from semanticgen._checks import as_dtype, check_int
 
 from .checkpoint_files import directory_problem, missing_one_of
 
@@ -166,8 +166,7 @@ class HFTextEncoder(nn.Module):
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"HFTextEncoder.from_pretrained: {path!r} is not a directory")
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = as_dtype("dtype", dtype, who="HFTextEncoder.from_pretrained")
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         model_cls_name = _ENCODER_ONLY_CLASSES.get(config.model_type)
         if model_cls_name is not None:

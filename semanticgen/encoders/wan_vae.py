@@ -13,6 +13,8 @@ import os
 import torch
 from torch import nn
 
+from semanticgen._checks import as_dtype
+
 from .checkpoint_files import directory_problem, missing_one_of
 from .protocols import check_video
 
@@ -89,8 +91,7 @@ class WanVAE(nn.Module):
         problem = cls.checkpoint_problem(path, subfolder=subfolder)
         if problem is not None:
             raise FileNotFoundError(f"WanVAE.from_pretrained: {path!r}: {problem}")
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        dtype = as_dtype("dtype", dtype, who="WanVAE.from_pretrained")
         vae = AutoencoderKLWan.from_pretrained(
             path, subfolder=_config_subfolder(path, subfolder) or None, torch_dtype=dtype, local_files_only=True
         )

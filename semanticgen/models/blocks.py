@@ -9,6 +9,8 @@ the MLP), and every block adds its own learned ``[6, C]`` table. Per-block ``Lin
 
 from __future__ import annotations
 
+import inspect
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +21,10 @@ from semanticgen.ops import WindowLayout, WindowShard
 
 from .attention import CrossAttention, SelfAttention
 from .init import init_weights
+
+# Graphs one compiled block forward may hold (see SplitForward.compile_forward): a few clip shapes' worth, while a
+# shape that changed every step would still stop compiling.
+_RECOMPILE_LIMIT = 64
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,7 +50,8 @@ class TimestepModulation(nn.Module):
 
 
 class SplitForward:
-    """``forward_split``: one block on two disjoint runs of whole windows in one call (mixed into the blocks).
+    """``forward_split``: one block on two disjoint runs of whole windows in one call, and ``compile_forward``
+    (mixed into the blocks).
 
     Window-parallel context parallelism (:func:`~semanticgen.parallel.shift_ownership_overlapped`) runs the block
     after a parity change on the *interior* windows while the halo block is in flight, then on the *boundary* window.
@@ -54,6 +61,36 @@ class SplitForward:
     FSDP unshards once around both parts; on an unsharded block it is a plain method. The block must have
     :meth:`DiTBlock.forward`'s signature and act on each window independently.
     """
+
+    def compile_forward(self, backend: str | Callable = "inductor") -> None:
+        """``torch.compile`` the block's ``forward`` in place: ``__call__`` and both parts of :meth:`forward_split`
+        then run the one compiled callable (its graphs shared by every block of the class: dynamo caches them on the
+        function's code).
+
+        ``nn.Module.compile`` compiles ``__call__`` instead, which ``forward_split`` never goes through (it calls
+        ``forward`` directly so that FSDP unshards once for both parts): the context-parallel path ran uncompiled.
+
+        Args:
+            backend: ``torch.compile``'s backend.
+        """
+        # Static shapes (dynamic=False). The attention op takes the window bounds as Python ints and checks the token
+        # count against the layout's, so a symbolic token count is specialised back to its value: dynamic=None traced
+        # the same graphs symbolically first, and mark_dynamic raises ConstraintViolationError. Each (parity, token
+        # count and stride, window bounds) is one graph; a CP rank meets a fixed set per clip shape (its whole
+        # ownership and the interior and boundary windows, in each parity). Each new layout or shard costs one
+        # compile more: the first traces through its lazily filled cache, whose filling fails that graph's guard.
+        # Measured on 2 gloo ranks (tests/test_train_compile.py): 7 to 10 graphs per rank, 11 with a blocking step
+        # too. Past dynamo's default limit of 8 the block runs uncompiled with only a logged warning, and under
+        # activation checkpointing a recomputation that ran another graph than its forward raised CheckpointError.
+        options = {}
+        if "recompile_limit" in inspect.signature(torch.compile).parameters:  # pytorch/pytorch#177936
+            options["recompile_limit"] = _RECOMPILE_LIMIT
+        else:  # older torch has only the process-wide limit: raise it, never lower it
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _RECOMPILE_LIMIT)
+        compiled = torch.compile(type(self).forward, backend=backend, dynamic=False, **options)
+        # An instance attribute shadows the class's forward, and nn.Module.__call__ and forward_split both look
+        # forward up on the instance. A bound method (not a closure over self) so that deepcopy rebinds the copy.
+        self.forward = types.MethodType(compiled, self)
 
     def forward_split(
         self,

@@ -44,11 +44,17 @@ def mixed_precision_policy(setting: str, device: torch.device) -> MixedPrecision
 
 
 def _wrap_block(block: nn.Module, parallel: ParallelConfig) -> nn.Module:
-    """Optional activation checkpointing and ``torch.compile`` for one block (before sharding).
+    """Optional ``torch.compile`` and activation checkpointing for one block (before sharding).
 
-    Checkpointing covers ``forward_split`` (overlapped context parallelism) as well as ``forward``. ``compile``
-    compiles the block's ``__call__`` only: ``forward_split`` runs the block's ``forward`` uncompiled.
+    ``compile`` compiles the block's ``forward`` (:meth:`~semanticgen.models.blocks.SplitForward.compile_forward`),
+    which ``__call__`` and both parts of ``forward_split`` (overlapped context parallelism) run. Checkpointing
+    covers ``forward_split`` as well as ``__call__``, and recomputes through the compiled ``forward``.
     """
+    if parallel.compile:
+        # Inside the checkpoint, not around it (torchtitan compiles the checkpointed block): forward_split waits
+        # for the halo between its two parts, which no graph can hold, so only forward can be compiled on that
+        # path, and both paths compile the same thing.
+        block.compile_forward()
     if parallel.activation_checkpointing:
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -58,8 +64,6 @@ def _wrap_block(block: nn.Module, parallel: ParallelConfig) -> nn.Module:
             # The wrapper hands unknown attributes to the block, so forward_split would keep its activations.
             # Recomputation calls its halo wait again, which then returns the block already received (no resend).
             block.forward_split = functools.partial(block.checkpoint_fn, inner.forward_split)
-    if parallel.compile:
-        block.compile()
     return block
 
 

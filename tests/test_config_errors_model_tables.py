@@ -69,7 +69,7 @@ def test_a_later_set_is_named_even_with_an_earlier_unrelated_one(tmp_path):
 
 
 def test_the_file_stays_at_fault_after_an_unrelated_set(tmp_path):
-    config = _tiny_with(tmp_path, "heads", "5")  # hidden 96 is not divisible by 5
+    config = _tiny_with(tmp_path, "heads", "5")  # hidden 128 is not divisible by 5
     with pytest.raises(UsageError, match=rf"^{re.escape(str(config))}: \[model\.latent_generator\]: .*divisible"):
         _check(ConfigSources.read(config, ["latent.steps=2"]))
 

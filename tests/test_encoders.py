@@ -223,6 +223,62 @@ def test_pixel_semantic_encoder_sees_motion():
     assert not torch.allclose(enc.encode(still), enc.encode(moving))
 
 
+def _shape_clips(n: int = 60):
+    from semanticgen.data.synthetic import SyntheticShapes
+
+    data = SyntheticShapes(n, height=32, width=32, vae_frames=5, sem_frames=4, seed=7)
+    return [data[i]["sem_video"] for i in range(n)], [data.describe(i)["shape"] for i in range(n)]
+
+
+def test_object_descriptors_tell_the_three_shapes_apart():
+    """Fill ratio and vertical asymmetry of rendered squares, discs and upward triangles fall in disjoint ranges,
+    so a frame's shape is read off its two descriptors without error."""
+    from semanticgen.encoders.pixel import object_descriptors
+
+    videos, shapes = _shape_clips()
+    desc = object_descriptors(torch.stack(videos))  # [n, 4, 2]
+    assert desc.shape == (len(videos), 4, 2)
+    fill, asym = desc[..., 0], desc[..., 1]
+    by = {s: [i for i, x in enumerate(shapes) if x == s] for s in ("square", "circle", "triangle")}
+    assert all(len(v) >= 10 for v in by.values())
+    sq, ci, tr = (by[s] for s in ("square", "circle", "triangle"))
+    assert fill[sq].min() > 0.99 and asym[sq].abs().max() < 1e-6
+    assert fill[ci].min() > 0.65 and fill[ci].max() < 0.95 and asym[ci].abs().max() < 0.05
+    assert fill[tr].max() < 0.7 and asym[tr].min() > 0.08
+    # Circle and triangle fills meet near 0.68 on the smallest, coarsest-rastered shapes; asymmetry parts them.
+    predicted = torch.where(fill > 0.97, 0, torch.where(asym > 0.065, 2, 1))
+    truth = torch.tensor([("square", "circle", "triangle").index(s) for s in shapes])[:, None]
+    assert torch.equal(predicted, truth.expand_as(predicted))
+
+
+def test_object_descriptors_of_an_empty_frame_are_zero():
+    from semanticgen.encoders.pixel import object_descriptors
+
+    assert torch.equal(object_descriptors(torch.full((1, 2, 3, 16, 16), 0.1)), torch.zeros(1, 2, 2))
+
+
+def test_pixel_semantic_encoder_object_context_reaches_every_token():
+    """With ``object_context`` the tokens of cells far from the object change with its shape; without, they do not."""
+    video = torch.full((1, 2, 3, 32, 32), 0.1)
+    video[..., 2:10, 2:10] = 0.9  # a square inside the top-left 16 x 16 cell
+    edited = torch.full_like(video, 0.1)
+    for row in range(8):  # an upward triangle in the same box
+        half = (row + 1) // 2
+        edited[..., 2 + row, 6 - half : 6 + half] = 0.9
+    local = PixelSemanticEncoder(out_dim=8, patch=16)
+    context = PixelSemanticEncoder(out_dim=8, patch=16, object_context=True)
+    assert context.encode(video).shape == local.encode(video).shape == (1, 1, 4, 8)
+    changed_local = (local.encode(edited) - local.encode(video)).abs().amax(-1)[0, 0] > 1e-6
+    changed_context = (context.encode(edited) - context.encode(video)).abs().amax(-1)[0, 0] > 1e-6
+    assert changed_local.tolist() == [True, False, False, False]
+    assert changed_context.tolist() == [True, True, True, True]
+
+
+def test_pixel_semantic_encoder_rejects_non_bool_object_context():
+    with pytest.raises(TypeError, match="object_context must be a bool"):
+        PixelSemanticEncoder(object_context=1)
+
+
 @pytest.mark.parametrize(("shape", "match"), [((1, 3, 3, 56, 56), "multiple of 2"), ((1, 4, 3, 56, 60), "28")])
 def test_pixel_semantic_encoder_rejects_bad_video(shape, match):
     with pytest.raises(ValueError, match=match):

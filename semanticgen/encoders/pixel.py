@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from semanticgen._checks import check_int, is_real
+from semanticgen._checks import check_bool, check_int, is_real
 
 from .protocols import check_video
 
-__all__ = ["PixelVAE", "PixelSemanticEncoder"]
+__all__ = ["PixelVAE", "PixelSemanticEncoder", "object_descriptors"]
 
 DECODE_MODES = ("linear", "nearest")
 
@@ -232,6 +232,34 @@ class PixelVAE(nn.Module):
         return self.encode(video)
 
 
+def object_descriptors(video: torch.Tensor, *, threshold: float = 0.25) -> torch.Tensor:
+    """Two shape descriptors of each frame's foreground object: ``video [B, F, 3, H, W]`` in [0, 1] -> ``[B, F, 2]``.
+
+    The foreground is what differs from the frame's median colour (the background, for an object covering under
+    half the frame): its weight is the largest channel difference over ``threshold``, clamped to [0, 1].
+
+    * fill ratio: the foreground's mass over the area of its bounding box (rows x columns holding a pixel of weight
+      over 0.5): 1 for an axis-aligned square, about 0.79 for a disc, about 0.5 for a triangle;
+    * vertical asymmetry: how far below the middle of its rows the foreground's mass lies, per row of height:
+      positive for a shape wider at the bottom (an upward triangle), 0 for a symmetric one.
+
+    A frame with no foreground gives 0 for both.
+    """
+    bg = video.flatten(-2).median(dim=-1).values[..., None, None]  # [B, F, 3, 1, 1]
+    weight = ((video - bg).abs().amax(dim=2) / threshold).clamp(0.0, 1.0)  # [B, F, H, W]
+    solid = weight > 0.5
+    rows = solid.any(dim=-1)  # [B, F, H]
+    n_rows = rows.sum(dim=-1).to(weight.dtype)
+    n_cols = solid.any(dim=-2).sum(dim=-1).to(weight.dtype)
+    fill = torch.where(n_rows > 0, weight.sum(dim=(-2, -1)) / (n_rows * n_cols).clamp(min=1.0), 0.0)
+    row_mass = weight.sum(dim=-1)  # [B, F, H]
+    r = torch.arange(weight.shape[-2], dtype=weight.dtype, device=weight.device)
+    middle = (rows * r).sum(dim=-1) / n_rows.clamp(min=1.0)
+    centroid = (row_mass * r).sum(dim=-1) / row_mass.sum(dim=-1).clamp(min=1e-6)
+    asymmetry = torch.where(n_rows > 0, (centroid - middle) / n_rows.clamp(min=1.0), 0.0)
+    return torch.stack([fill, asymmetry], dim=-1)
+
+
 class PixelSemanticEncoder(nn.Module):
     """Weight-free semantic features with the Qwen2.5-VL token layout.
 
@@ -241,14 +269,29 @@ class PixelSemanticEncoder(nn.Module):
     per-channel standard deviation (3). These 24 numbers are centred and projected to ``out_dim``
     by a fixed random matrix drawn from ``seed`` (scaled so each output has about unit variance).
 
+    ``object_context=True`` adds two frame-wide numbers to every token, before the projection: the fill ratio
+    of the foreground's bounding box and the vertical asymmetry of its row widths (:func:`object_descriptors`),
+    averaged over the frame pair. A real vision tower's token carries the context of the object it belongs to;
+    a cell-local statistic does not, and an object that straddles cells loses most of its shape. Tokens are then
+    no longer local: an edit anywhere in a frame pair can change every token of that pair.
+
     Shapes: ``encode(video [B, F, 3, H, W]) -> [B, F / 2, (H / 28) * (W / 28), out_dim]``, tokens of one
     output frame in raster order. ``F`` must be a multiple of ``temporal_factor`` and ``H``, ``W`` of
     ``patch``, as for :class:`~semanticgen.encoders.QwenVisionEncoder`.
     """
 
-    RAW_FEATURES = 24
+    LOCAL_FEATURES = 24
+    CONTEXT_FEATURES = 2
 
-    def __init__(self, out_dim: int = 64, *, patch: int = 28, temporal_factor: int = 2, seed: int = 0) -> None:
+    def __init__(
+        self,
+        out_dim: int = 64,
+        *,
+        patch: int = 28,
+        temporal_factor: int = 2,
+        object_context: bool = False,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         for name, value, minimum in (
             ("out_dim", out_dim, 1),
@@ -258,11 +301,14 @@ class PixelSemanticEncoder(nn.Module):
             check_int(name, value, minimum=minimum, who="PixelSemanticEncoder")
         if patch % 2:
             raise ValueError(f"PixelSemanticEncoder: patch must be even (quadrant means), got {patch}")
+        check_bool("object_context", object_context, who="PixelSemanticEncoder")
         self.out_dim = out_dim
+        self.object_context = object_context
+        self.raw_features = self.LOCAL_FEATURES + (self.CONTEXT_FEATURES if object_context else 0)
         self.spatial_factor = patch
         self.temporal_factor = temporal_factor
         gen = torch.Generator().manual_seed(seed)
-        proj = torch.randn(self.RAW_FEATURES, out_dim, generator=gen) * (2.0 / math.sqrt(self.RAW_FEATURES))
+        proj = torch.randn(self.raw_features, out_dim, generator=gen) * (2.0 / math.sqrt(self.raw_features))
         self.register_buffer("projection", proj, persistent=False)
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
@@ -284,7 +330,12 @@ class PixelSemanticEncoder(nn.Module):
             motion = torch.zeros_like(grad_x)
         spread = cells.std(dim=(4, 6, 7), unbiased=False)
         raw = torch.cat([quads.flatten(-3), grad_x, grad_y, motion, spread], dim=-1)  # [B, T2, gh, gw, 24]
-        out = raw.reshape(b, t2, gh * gw, self.RAW_FEATURES) @ self.projection.to(raw.device)
+        if self.object_context:
+            context = object_descriptors(video.float()).reshape(b, t2, tf, self.CONTEXT_FEATURES).mean(dim=2)
+            # Centred and scaled to the local features' spread (fill 0.5-1, asymmetry 0-0.16 on the moving shapes).
+            context = (context - context.new_tensor([0.75, 0.05])) * context.new_tensor([4.0, 8.0])
+            raw = torch.cat([raw, context[:, :, None, None, :].expand(b, t2, gh, gw, -1)], dim=-1)
+        out = raw.reshape(b, t2, gh * gw, self.raw_features) @ self.projection.to(raw.device)
         return out.to(video.dtype)
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:

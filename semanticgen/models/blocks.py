@@ -83,7 +83,7 @@ class SplitForward:
         # too. Past dynamo's default limit of 8 the block runs uncompiled with only a logged warning, and under
         # activation checkpointing a recomputation that ran another graph than its forward raised CheckpointError.
         options = {}
-        if "recompile_limit" in inspect.signature(torch.compile).parameters:  # pytorch/pytorch#177936
+        if "recompile_limit" in inspect.signature(torch.compile).parameters:  # a per-call limit in newer torch
             options["recompile_limit"] = _RECOMPILE_LIMIT
         else:  # older torch has only the process-wide limit: raise it, never lower it
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, _RECOMPILE_LIMIT)

@@ -187,3 +187,21 @@ def test_a_run_on_shards_loads_no_encoder_and_checks_none(tmp_path, monkeypatch,
     argv += ["--set", 'encoders.text={kind = "hf", path = "/nowhere"}']
     assert train_main(argv) == EXIT_USAGE
     assert capsys.readouterr().err.strip() == "semanticgen.train: error: reached the data"
+
+
+def test_preencode_names_the_set_the_key_and_the_path_before_encoding(tmp_path, monkeypatch, capsys):
+    """``preencode`` loads the same encoders: the same one line, naming where the path came from, before any clip
+    is built or encoded."""
+    from semanticgen.train import preencode
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the data was built before the encoder paths were checked")
+
+    monkeypatch.setattr(preencode, "build_dataset", reached)
+    override = f'encoders.semantic={{kind = "qwen", path = "{tmp_path / "absent"}"}}'
+    argv = ["preencode", str(TINY), "--out", str(tmp_path / "shards"), "--set", override]
+    assert train_main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    expected = f"--set {override}: encoders.semantic.path = '{tmp_path / 'absent'}': no such directory"
+    assert err == f"python -m semanticgen.train preencode: error: {expected}"
+    assert not (tmp_path / "shards").exists()

@@ -25,7 +25,8 @@ from semanticgen.data.loader import collate
 from semanticgen.data.shards import ShardWriter
 from semanticgen.errors import UsageError, run_command
 
-from .config import TrainConfig, load_config
+from .config import ConfigSources, TrainConfig
+from .loop import check_encoder_tables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(parser.prog, lambda: preencode(load_config(args.config, args.set), args))
+    return run_command(parser.prog, lambda: _preencode_config(args))
+
+
+def _preencode_config(args: argparse.Namespace) -> int:
+    """Read the config, check the checkpoints its encoders point at (naming the file or the ``--set`` at fault, as
+    training does), then :func:`preencode`."""
+    sources = ConfigSources.read(args.config, args.set)
+    cfg = sources.load()
+    if cfg.data.kind != "shards":  # preencode refuses shards itself, with its own message
+        sources.check(check_encoder_tables)
+    return preencode(cfg, args)
 
 
 def preencode(cfg: TrainConfig, args: argparse.Namespace) -> int:

@@ -81,7 +81,10 @@ def run_train(
         err = proc.stderr
         usage = "\n".join(line for line in err.splitlines() if "semanticgen.train: error:" in line)
         first = err.find("Traceback")  # the failing rank's own traceback, before torchrun's summary
-        shown = usage + "\n" + (err[first : first + 6000] if first >= 0 else err[-6000:])
+        # A rank killed by a signal has no traceback of its own: what it printed last comes before torchrun's
+        # (e.g. "terminate called without an active exception" for an abort at exit).
+        before = "\n".join(err[: max(first, 0)].splitlines()[-30:]) if first > 0 else ""
+        shown = usage + "\n" + before + "\n" + (err[first : first + 6000] if first >= 0 else err[-6000:])
         raise AssertionError(f"training failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{shown}")
 
 

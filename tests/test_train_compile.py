@@ -281,7 +281,7 @@ def test_compile_under_fsdp_and_overlapped_cp(checkpointing, tmp_path):
             assert got["runs"] == passes * len(expected), (rank, i, got["runs"])
             assert got["gathers"] == base["gathers"] == 2 * depth + 1
             _assert_as_accurate({"loss": got["loss"], **got["grads"]}, {"loss": base["loss"], **base["grads"]}, ref)
-        # One static graph per (parity, token count and stride, window bounds) the rank meets, and one more for each
-        # shard, whose cache fills while the first graph is traced (see SplitForward.compile_forward): the second
-        # step meets the filled caches of shards used once per step. The third step compiles nothing.
-        assert compiled[0]["graphs"] > 0 and compiled[2]["graphs"] == 0
+        # One static graph per (parity, token count and stride, window bounds) the rank meets, all in the first step:
+        # a shard's window table is built with the shard, so a traced call does not change what its guard read.
+        graphs = [c["graphs"] for c in compiled]
+        assert graphs[0] > 0 and graphs[1:] == [0, 0], (rank, graphs)

@@ -77,11 +77,12 @@ class SplitForward:
         # count against the layout's, so a symbolic token count is specialised back to its value: dynamic=None traced
         # the same graphs symbolically first, and mark_dynamic raises ConstraintViolationError. Each (parity, token
         # count and stride, window bounds) is one graph; a CP rank meets a fixed set per clip shape (its whole
-        # ownership and the interior and boundary windows, in each parity). Each new layout or shard costs one
-        # compile more: the first traces through its lazily filled cache, whose filling fails that graph's guard.
-        # Measured on 2 gloo ranks (tests/test_train_compile.py): 7 to 10 graphs per rank, 11 with a blocking step
-        # too. Past dynamo's default limit of 8 the block runs uncompiled with only a logged warning, and under
-        # activation checkpointing a recomputation that ran another graph than its forward raised CheckpointError.
+        # ownership and the interior and boundary windows, in each parity). Measured on 2 gloo ranks
+        # (tests/test_train_compile.py): 4 graphs per rank for overlapped steps, all in the first step (7 to 11
+        # before WindowShard built its window table eagerly: a traced first use that filled it failed that graph's
+        # guard). A long clip or mixed clip shapes meet more, and past dynamo's default limit of 8 the block runs
+        # uncompiled with only a logged warning, and under activation checkpointing a recomputation that ran
+        # another graph than its forward raised CheckpointError.
         options = {}
         if "recompile_limit" in inspect.signature(torch.compile).parameters:  # a per-call limit in newer torch
             options["recompile_limit"] = _RECOMPILE_LIMIT

@@ -425,6 +425,9 @@ class WindowShard:
                     f"WindowShard: blocks [{self.first_block}, {self.end_block}) cut the {parity} window of blocks "
                     f"[{first}, {end}); a shard must hold whole windows"
                 )
+        # Built now rather than on first use: a torch.compile'd block that traced the first use would find the cache
+        # changed by its own call, fail that graph's guard and compile the same block a second time.
+        self.segments(self.shifted)
 
     order = "blocked"
 

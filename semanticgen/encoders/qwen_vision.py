@@ -196,11 +196,11 @@ class QwenVisionEncoder(nn.Module):
                 f"QwenVisionEncoder: {path!r} is not a Qwen2.5-VL checkpoint "
                 f"(config model_type {getattr(config, 'model_type', None)!r} has no qwen2_5_vl vision_config)"
             )
-        if dtype is not None:
-            dtype = as_dtype("dtype", dtype, who="QwenVisionEncoder.from_pretrained")
+        name = "dtype"
         if dtype is None:
             dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-            dtype = as_dtype("the checkpoint config's dtype", dtype, who="QwenVisionEncoder.from_pretrained")
+            name = "the checkpoint config's dtype"
+        dtype = as_dtype(name, dtype, who="QwenVisionEncoder.from_pretrained")
         state = load_vision_state_dict(path)
         with _default_dtype(dtype), _no_init():
             model = Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=dtype)

@@ -375,6 +375,15 @@ def check_encoder_tables(raw: dict[str, Any]) -> None:
     check_encoder_paths(config_tables("encoders", raw.get("encoders", {}), ENCODER_TABLES))
 
 
+def check_encoder_checkpoints(cfg: TrainConfig, sources: ConfigSources) -> None:
+    """:func:`check_encoder_tables` on ``cfg`` as ``sources`` read it, naming the file or the ``--set`` at fault;
+    nothing for data already pre-encoded (``data.kind = "shards"``): shards hold what the encoders made, and a run
+    on them loads no encoder. Run before any rank does work and before any clip is built: a wrong checkpoint path
+    used to fail inside ``transformers`` or ``diffusers``."""
+    if cfg.data.kind != "shards":
+        sources.check(check_encoder_tables)
+
+
 def check_context_parallel(cfg: TrainConfig, widths: DataWidths, latent_frames: int) -> None:
     """Refuse (``UsageError``, naming the numbers) a latent stage whose clips have fewer unshifted windows than
     ``parallel.context_parallel`` ranks. Only the time axis decides the windows, so no model is built."""
@@ -407,9 +416,7 @@ def train(
     ``[model]`` tables) then name the file or the ``--set`` at fault, as the config's own checks do.
     """
     sources = sources or ConfigSources.of(cfg)
-    if cfg.data.kind != "shards":  # shards hold what the encoders made: a run on them loads no encoder
-        # Before any rank does work: a checkpoint path that is wrong used to fail inside transformers or diffusers.
-        sources.check(check_encoder_tables)
+    check_encoder_checkpoints(cfg, sources)
     # Join the process group first: building and running the encoders (the null text) before joining it made a
     # rank abort at exit about once in ten 2-rank runs here ("terminate called without an active exception",
     # after training had finished); joined first, 58 runs in a row exited cleanly. Then the data (on the CPU),

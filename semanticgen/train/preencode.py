@@ -26,7 +26,7 @@ from semanticgen.data.shards import ShardWriter
 from semanticgen.errors import UsageError, run_command
 
 from .config import ConfigSources, TrainConfig
-from .loop import check_encoder_tables
+from .loop import check_encoder_checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +56,7 @@ def _preencode_config(args: argparse.Namespace) -> int:
     training does), then :func:`preencode`."""
     sources = ConfigSources.read(args.config, args.set)
     cfg = sources.load()
-    if cfg.data.kind != "shards":  # preencode refuses shards itself, with its own message
-        sources.check(check_encoder_tables)
+    check_encoder_checkpoints(cfg, sources)  # none for shards, which preencode refuses with its own message
     return preencode(cfg, args)
 
 
